@@ -1,0 +1,141 @@
+"""Post-training quantization: weights rounded onto the grid, activations calibrated on a few batches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .activations import attach_input_quantizer, input_quantizers
+from .functional import fake_quantize
+from .select import Selector, as_selector
+from .spec import QuantSpec
+
+log = logging.getLogger("qready.ptq")
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first parameter or buffer that holds NaN or Inf."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{kind} {name!r} holds {bad} non-finite value(s) (NaN/Inf); fix the model first")
+
+
+def batch_inputs(batch: object) -> torch.Tensor:
+    """The inputs of a batch: the tensor itself, or the first element of an ``(x, y)`` pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError("calibration batches must be tensors or (inputs, targets) pairs")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: Iterable, max_batches: int) -> int:
+    """Forward up to ``max_batches`` input batches through ``model``; returns how many ran."""
+    device = _device_of(model)
+    count = 0
+    for batch in batches:
+        if count >= max_batches:
+            break
+        model(batch_inputs(batch).to(device))
+        count += 1
+    return count
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int) -> None:
+    """Re-estimate BatchNorm running statistics (cumulative average) on ``batches``."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = model.training
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        run_batches(model, batches, max_batches)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+
+
+def ptq(
+    model: nn.Module,
+    spec: QuantSpec,
+    calib: Iterable | None = None,
+    act_spec: QuantSpec | None = None,
+    select: Selector | dict | None = None,
+    *,
+    calib_batches: int = 8,
+    bn_recalibrate: bool = False,
+) -> nn.Module:
+    """Return a quantized copy of ``model``; ``model`` itself is not modified.
+
+    Args:
+        model: any ``nn.Module``; the selected modules' ``weight`` tensors are quantized.
+        spec: weight quantizer.
+        calib: iterable of batches (tensors or ``(x, y)``) used to calibrate activation ranges and,
+            with ``bn_recalibrate``, BatchNorm statistics.
+        act_spec: if given, each selected module's input is fake-quantized (per tensor) with ranges
+            calibrated on ``calib``. Use ``symmetric=False`` for post-ReLU activations.
+        select: which modules (a :class:`Selector` or its keyword arguments); first/last layers can be
+            kept in float or at a higher bit width.
+        calib_batches: at most this many batches of ``calib`` are used.
+        bn_recalibrate: re-estimate BatchNorm statistics of the quantized model on ``calib``.
+    Returns:
+        the quantized copy, in the training mode ``model`` had.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if act_spec is not None and not isinstance(act_spec, QuantSpec):
+        raise TypeError(f"act_spec must be a QuantSpec or None, got {type(act_spec).__name__}")
+    if (act_spec is not None or bn_recalibrate) and calib is None:
+        raise ValueError("activation quantization and BN re-estimation need calibration batches: pass calib=")
+    selector = as_selector(select)
+    check_finite_weights(model)
+    if not selector.select(model):
+        raise ValueError(
+            f"no module of {type(model).__name__} matches the selector "
+            f"(types: {[t.__name__ for t in selector.types]}); nothing to quantize"
+        )
+
+    qmodel = copy.deepcopy(model)
+    chosen = selector.select(qmodel)
+    with torch.no_grad():
+        for item in chosen:
+            layer_spec = spec if item.bits_override is None else replace(spec, bits=item.bits_override)
+            weight = item.module.weight
+            weight.copy_(fake_quantize(weight, layer_spec))
+    if act_spec is not None:
+        for item in chosen:
+            if isinstance(item.module, nn.Embedding):
+                continue  # integer inputs
+            a_spec = act_spec if item.bits_override is None else replace(act_spec, bits=max(item.bits_override, 2))
+            attach_input_quantizer(item.module, a_spec)
+        was_training = qmodel.training
+        qmodel.eval()
+        seen = run_batches(qmodel, calib, calib_batches)
+        if seen == 0:
+            raise ValueError("calib yielded no batches")
+        for quantizer in input_quantizers(qmodel):
+            quantizer.finish_calibration()
+        qmodel.train(was_training)
+    if bn_recalibrate:
+        recalibrate_batchnorm(qmodel, calib, calib_batches)
+    log.debug("quantized %d modules at %d bits", len(chosen), spec.bits)
+    return qmodel

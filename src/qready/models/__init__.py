@@ -1,0 +1,13 @@
+"""The qready model zoo: ``create_model(name, **kwargs)`` builds any registered model.
+
+Registered names: ``mlp``, ``dwcnn``, ``cnn1d``, ``resnet20``, ``resnet56``, ``resnet18``,
+``mobilenet_v1``, ``mobilenet_v2``, ``vgg16``, ``alexnet``. See :mod:`qready.models.registry` for
+registering your own.
+"""
+
+from __future__ import annotations
+
+from . import alexnet, cnn, mlp, mobilenet, resnet, vgg  # noqa: F401  (registration side effects)
+from .registry import MODELS, create_model, list_models
+
+__all__ = ["MODELS", "create_model", "list_models"]

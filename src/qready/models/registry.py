@@ -1,0 +1,31 @@
+"""The model registry: ``MODELS``, :func:`create_model` and :func:`list_models`.
+
+Every model in the zoo is a factory function registered in ``MODELS`` under a short name, and
+:func:`create_model` builds one by name, passing keyword arguments through to the factory (so an
+unexpected keyword raises ``TypeError`` and an out-of-range value raises ``ValueError``). To add your
+own model, decorate a function (or an ``nn.Module`` subclass) that returns an ``nn.Module`` with
+``@MODELS.register("name")``, e.g. ``@MODELS.register("tiny") def tiny(num_classes: int = 10,
+in_channels: int = 1) -> nn.Module: ...``, and make sure the module holding it is imported before
+you call ``create_model("tiny", num_classes=5)``; names are unique, so registering one twice raises
+``ValueError``. To stay quantization-ready, keep every weight inside ``nn.Conv1d``/``nn.Conv2d``/
+``nn.Linear``/``nn.BatchNorm*`` modules (quantizers attach via ``torch.nn.utils.parametrize`` on
+``.weight``) and follow the common constructor arguments ``num_classes`` and ``in_channels``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qready.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the model registered as ``name``; unknown names raise an error listing the valid ones."""
+    return MODELS.build(name, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return MODELS.names()

@@ -1,0 +1,136 @@
+"""The ``qready`` command line: ``qready demo | train RECIPE | sweep CKPT``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+
+
+def _bits_list(text: str) -> list[int | str]:
+    items: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            items.append(int(part) if part.isdigit() else part)
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as 8,6,4,3,2 or 8,W4A8")
+    return items
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _load(recipe_path: str, overrides: list[str]):
+    import yaml
+
+    from .recipe import RecipeError, apply_overrides, load_recipe
+
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {recipe_path!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    return load_recipe(apply_overrides(data, overrides) if overrides else data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .runner import default_run_dir, train_recipe
+
+    recipe = _load(args.recipe, args.set)
+    run_dir = default_run_dir(recipe, args.out)
+    prepared = train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {recipe.model.name} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
+    del prepared
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .runner import prepare_from_checkpoint, show_sweep
+
+    prepared = prepare_from_checkpoint(Path(args.checkpoint), data_root=args.data_root)
+    from .runner import sweep_recipe
+
+    rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range)
+    show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .recipe import load_recipe
+    from .runner import show_sweep, sweep_recipe, train_recipe, write_report
+
+    start = time.perf_counter()
+    with resources.as_file(resources.files("qready") / "recipes" / "demo.yaml") as path:
+        recipe = load_recipe(path)
+    if args.epochs is not None:
+        recipe = replace(recipe, train=replace(recipe.train, epochs=args.epochs))
+    run_dir = Path(args.out)
+    print(f"qready demo: training {recipe.model.name} on {recipe.data.name} for {recipe.train.epochs} epochs")
+    prepared = train_recipe(recipe, run_dir, progress=not args.no_progress)
+    rows = sweep_recipe(prepared)
+    show_sweep(rows, title="qready demo: test accuracy (%) after post-training quantization")
+    report = write_report(run_dir, rows, recipe, plot=True)
+    print(f"run directory: {run_dir} (report: {report.name}, plot: accuracy_vs_bits.png) "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qready", description="Make PyTorch models quantization-ready.")
+    parser.add_argument("--version", action="version", version=f"qready {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a small CNN on digits, PTQ-sweep 8->2 bits, write a report")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the model of a YAML recipe")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("--out", default=None, help="run directory (default: <output_dir>/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="PTQ-evaluate a checkpoint at many bit widths")
+    p.add_argument("checkpoint", help="checkpoint directory written by `qready train`")
+    p.add_argument("--bits", type=_bits_list, default=None, help="e.g. 8,6,4,3,2 or 8,W4A8 (default: the recipe's)")
+    p.add_argument("--range", type=_csv, default=None, help="range methods, e.g. minmax,mse,percentile")
+    p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"qready {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

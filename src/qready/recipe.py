@@ -1,0 +1,269 @@
+"""Recipes: one YAML file (or dict) <-> frozen dataclasses, validated before any work starts.
+
+Every key is checked: an unknown key, a value of the wrong type or an impossible value fails with a
+:class:`RecipeError` naming the dotted key (``train.lr``) and what is allowed.
+
+.. code-block:: yaml
+
+    name: digits-dwcnn
+    seed: 0
+    model: {name: dwcnn, args: {width: 32}}
+    data: {name: digits}
+    train: {epochs: 12, optimizer: adam, lr: 0.01, batch_size: 64}
+    sweep: {bits: [8, 6, 4, 3, 2, W4A8], ranges: [minmax, mse], granularity: channel}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .quant.spec import GRANULARITIES, RANGE_METHODS
+from .train.config import TrainConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the allowed values."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model: a registered name and constructor arguments (``num_classes``/``in_channels``
+    default to the dataset's)."""
+
+    name: str = "dwcnn"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset: a registered name, where its files are (CIFAR, ImageNet) and loader options."""
+
+    name: str = "digits"
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size < 1:
+            raise RecipeError(f"data.eval_batch_size must be a positive int; got {self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The PTQ sweep after training: bit settings (``8`` weight-only, ``"W4A8"`` weights and
+    activations), range methods, granularity and the first/last-layer policy."""
+
+    bits: tuple[int | str, ...] = (8, 6, 4, 3, 2)
+    ranges: tuple[str, ...] = ("minmax", "mse")
+    granularity: str = "channel"
+    symmetric: bool = True
+    group_size: int | None = None
+    first_last: int | str = "same"
+    calib_batches: int = 8
+
+    def __post_init__(self) -> None:
+        from .evaluate.sweep import parse_bit_setting
+
+        for i, setting in enumerate(self.bits):
+            try:
+                parse_bit_setting(setting)
+            except (TypeError, ValueError) as err:
+                raise RecipeError(f"sweep.bits[{i}]: {err}") from None
+        for r in self.ranges:
+            if r not in RANGE_METHODS:
+                raise RecipeError(f"sweep.ranges: {r!r} is not one of {list(RANGE_METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise RecipeError(f"sweep.granularity must be one of {list(GRANULARITIES)}; got {self.granularity!r}")
+        if self.granularity == "group" and not self.group_size:
+            raise RecipeError("sweep.group_size is required when sweep.granularity is 'group'")
+        if self.first_last not in ("same", "float") and not (isinstance(self.first_last, int) and 2 <= self.first_last <= 8):
+            raise RecipeError(f"sweep.first_last must be 'same', 'float' or a bit width 2-8; got {self.first_last!r}")
+        if self.calib_batches < 1:
+            raise RecipeError(f"sweep.calib_batches must be a positive int; got {self.calib_batches}")
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """One regularizer added to the training loss (see :func:`qready.regularizers.build`)."""
+
+    name: str
+    weight: float = 0.01
+    select: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise RecipeError(f"regularizers[].weight must be >= 0; got {self.weight}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole run: model, data, training and the PTQ sweep, plus the seed and where outputs go."""
+
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    regularizers: tuple[RegularizerConfig, ...] = ()
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists), ready for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type hint ``tp`` or raise a RecipeError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except RecipeError as err:
+                errors.append(str(err))
+        allowed = " or ".join(_type_name(o) for o in options)
+        raise RecipeError(f"recipe key '{key}': expected {allowed}; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}': expected a mapping; got {value!r}")
+        return build_dataclass(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key '{key}': expected a list; got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}': expected a mapping; got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"recipe key '{key}': expected true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"recipe key '{key}': expected an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"recipe key '{key}': expected a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"recipe key '{key}': expected a string; got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
+        raise RecipeError(f"unknown recipe key {where}; allowed keys{' in ' + repr(prefix) if prefix else ''}: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as err:
+        label = f"recipe section '{prefix}'" if prefix else "recipe"
+        raise RecipeError(f"{label}: {err}") from None
+
+
+def check_names(recipe: Recipe) -> None:
+    """Check the model, dataset and regularizer names against the registries (imports torch)."""
+    from .data import list_datasets
+    from .models import list_models
+    from .regularizers import list_regularizers
+
+    if recipe.model.name not in list_models():
+        raise RecipeError(f"model.name {recipe.model.name!r} is unknown; valid names: {', '.join(list_models())}")
+    if recipe.data.name not in list_datasets():
+        raise RecipeError(f"data.name {recipe.data.name!r} is unknown; valid names: {', '.join(list_datasets())}")
+    for i, reg in enumerate(recipe.regularizers):
+        if reg.name not in list_regularizers():
+            raise RecipeError(
+                f"regularizers[{i}].name {reg.name!r} is unknown; valid names: {', '.join(list_regularizers())}"
+            )
+
+
+def recipe_from_dict(data: dict[str, Any] | None) -> Recipe:
+    """Validated :class:`Recipe` from a dict (e.g. parsed YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping at the top level; got {type(data).__name__}")
+    recipe = build_dataclass(Recipe, data)
+    check_names(recipe)
+    return recipe
+
+
+def load_recipe(source: str | Path | dict[str, Any]) -> Recipe:
+    """Load and validate a recipe from a YAML file path or a dict."""
+    if isinstance(source, dict):
+        return recipe_from_dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
+    return recipe_from_dict(data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a recipe dict (a new dict)."""
+    out = _plain(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = out
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write ``recipe`` as YAML (round-trips through :func:`load_recipe`)."""
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,148 @@
+"""Stages shared by the CLI: build from a recipe, train, sweep a checkpoint, write the run report."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import DatasetSplits, load_dataset, make_loaders
+from .evaluate.report import markdown_table, pivot_sweep, print_table
+from .evaluate.sweep import sweep
+from .models import MODELS, create_model
+from .quant.select import Selector
+from .quant.spec import QuantSpec
+from .recipe import Recipe, load_recipe, save_recipe
+from .train import fit, load_checkpoint, load_model_weights, seed_everything
+
+log = logging.getLogger("qready")
+
+
+@dataclass
+class Prepared:
+    """Everything a stage needs: the recipe, data splits and loaders, and the model."""
+
+    recipe: Recipe
+    splits: DatasetSplits
+    train_loader: DataLoader
+    test_loader: DataLoader
+    model: nn.Module
+
+
+def model_kwargs(recipe: Recipe, splits: DatasetSplits) -> dict:
+    """Constructor arguments: the recipe's ``model.args`` plus shape arguments from the dataset."""
+    kwargs = dict(recipe.model.args)
+    params = inspect.signature(MODELS.get(recipe.model.name)).parameters
+    kwargs.setdefault("num_classes", splits.num_classes)
+    if "in_channels" in params:
+        kwargs.setdefault("in_channels", splits.input_shape[0])
+    if "in_features" in params:
+        size = 1
+        for d in splits.input_shape:
+            size *= d
+        kwargs.setdefault("in_features", size)
+    return kwargs
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Load the data, build the (seeded) model and loaders of ``recipe``."""
+    seed_everything(recipe.seed)
+    splits = load_dataset(recipe.data.name, root=recipe.data.root, seed=recipe.seed, **recipe.data.options)
+    train_loader, _ = make_loaders(splits, recipe.train.batch_size, seed=recipe.seed)
+    test_loader = DataLoader(splits.test, batch_size=recipe.data.eval_batch_size, shuffle=False)
+    seed_everything(recipe.seed)
+    model = create_model(recipe.model.name, **model_kwargs(recipe, splits))
+    return Prepared(recipe, splits, train_loader, test_loader, model)
+
+
+def checkpoint_meta(recipe: Recipe, prepared: Prepared) -> dict:
+    """What a checkpoint needs to rebuild its model and data: the recipe and the model arguments."""
+    return {"recipe": recipe.to_dict(), "model": {"name": recipe.model.name,
+                                                  "kwargs": model_kwargs(recipe, prepared.splits)}}
+
+
+def build_regularizers(recipe: Recipe, model: nn.Module) -> list[nn.Module]:
+    """The recipe's regularizers, built for ``model``."""
+    from .regularizers import build
+
+    return [build(r.name, model, weight=r.weight, select=r.select or None, **r.options) for r in recipe.regularizers]
+
+
+def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progress: bool = True) -> Prepared:
+    """Train the recipe's model into ``run_dir`` (checkpoint, metrics.jsonl, recipe.yaml)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    prepared = prepare(recipe)
+    terms = build_regularizers(recipe, prepared.model)
+    result = fit(
+        prepared.model, prepared.train_loader, recipe.train, val_loader=prepared.test_loader, loss_terms=terms,
+        run_dir=run_dir, resume=resume, seed=recipe.seed, meta=checkpoint_meta(recipe, prepared), progress=progress,
+    )
+    prepared.model = result.model
+    return prepared
+
+
+def sweep_recipe(prepared: Prepared, bits=None, ranges=None) -> list[dict]:
+    """PTQ sweep of ``prepared.model`` over the recipe's bit settings and range methods."""
+    cfg = prepared.recipe.sweep
+    rows: list[dict] = []
+    for i, rng in enumerate(ranges or cfg.ranges):
+        spec = QuantSpec(bits=8, symmetric=cfg.symmetric, granularity=cfg.granularity, range=rng,
+                         group_size=cfg.group_size)
+        rows += sweep(
+            prepared.model, prepared.test_loader, bits=list(bits or cfg.bits), spec=spec,
+            calib=prepared.train_loader, select=Selector(first_last=cfg.first_last), include_fp=i == 0,
+        )
+    return rows
+
+
+def write_report(run_dir: Path, rows: list[dict], recipe: Recipe, *, plot: bool = True) -> Path:
+    """Write ``sweep.json``, ``report.md`` and ``accuracy_vs_bits.png`` into ``run_dir``."""
+    (run_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
+    header, lines = pivot_sweep(rows)
+    parts = [
+        f"# qready run: {recipe.name}\n",
+        f"Model `{recipe.model.name}` on `{recipe.data.name}` (seed {recipe.seed}), "
+        f"{recipe.train.epochs} epochs. PTQ: {recipe.sweep.granularity} weights, "
+        f"{'symmetric' if recipe.sweep.symmetric else 'asymmetric'}, first/last: {recipe.sweep.first_last}.\n",
+        "## Test accuracy (%) after PTQ\n",
+        markdown_table(header, lines),
+    ]
+    if plot:
+        from .evaluate.plots import plot_accuracy_vs_bits
+
+        plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png", title=f"{recipe.name}: accuracy vs bits")
+        parts.append("\n![accuracy vs bits](accuracy_vs_bits.png)\n")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def show_sweep(rows: list[dict], title: str) -> None:
+    """Print the sweep as a table (one line per range method)."""
+    header, lines = pivot_sweep(rows)
+    print_table(header, lines, title=title)
+
+
+def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None) -> Prepared:
+    """Rebuild the recipe, data and trained model of a checkpoint written by :func:`train_recipe`."""
+    checkpoint = load_checkpoint(ckpt)
+    meta = checkpoint.meta.get("recipe")
+    if meta is None:
+        raise ValueError(f"checkpoint {ckpt} has no recipe in its meta.json; it was not written by qready train")
+    recipe = load_recipe(meta)
+    if data_root is not None:
+        recipe = replace(recipe, data=replace(recipe.data, root=data_root))
+    prepared = prepare(recipe)
+    load_model_weights(ckpt, prepared.model)
+    return prepared
+
+
+def default_run_dir(recipe: Recipe, out: str | None) -> Path:
+    """``out`` if given, else ``<recipe.output_dir>/<recipe.name>``."""
+    return Path(out) if out else Path(recipe.output_dir) / recipe.name

@@ -1,0 +1,44 @@
+"""Training: the shared loop (``fit``), its configuration, checkpoints and NaN/Inf guards."""
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_exists,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
+from .config import TrainConfig, build_optimizer, build_scheduler
+from .guards import NonFiniteError, check_finite
+from .loop import (
+    LossTerm,
+    StandardStep,
+    StepContext,
+    StepStrategy,
+    StopTraining,
+    TrainResult,
+    fit,
+    seed_everything,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "LossTerm",
+    "NonFiniteError",
+    "StandardStep",
+    "StepContext",
+    "StepStrategy",
+    "StopTraining",
+    "TrainConfig",
+    "TrainResult",
+    "build_optimizer",
+    "build_scheduler",
+    "check_finite",
+    "checkpoint_exists",
+    "fit",
+    "load_checkpoint",
+    "load_model_weights",
+    "save_checkpoint",
+    "seed_everything",
+]

@@ -1,4 +1,4 @@
-"""The ``qready`` command line: ``qready demo | train RECIPE | sweep CKPT``."""
+"""The ``qready`` command line: ``qready demo | train | run | sweep | report | inspect | export``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runner import default_run_dir, train_recipe
 
     recipe = _load(args.recipe, args.set)
+    if recipe.grid:
+        raise ValueError("this recipe holds a grid of experiments: run it with `qready run`")
     run_dir = default_run_dir(recipe, args.out)
     prepared = train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
     print(f"trained {recipe.model.name} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
@@ -61,6 +63,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_recipe
+
+    def on_stage(exp_id: str, stage: str, skipped: bool) -> None:
+        print(f"[{exp_id}] {stage}: {'cached, skipped' if skipped else 'running'}", flush=True)
+
+    root = run_recipe(args.recipe, Path(args.out) if args.out else None, force=args.force,
+                      progress=not args.no_progress, overrides=args.set, on_stage=on_stage)
+    from .evaluate.html import comparison_table, load_experiments
+    from .evaluate.report import print_table
+
+    header, lines, _ = comparison_table(load_experiments(root))
+    print_table(header, lines, title=f"qready run {root}")
+    print(f"report: {root / 'report.md'} and {root / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate.html import write_comparison
+
+    md, page = write_comparison(Path(args.run_dir))
+    print(f"wrote {md} and {page}")
     return 0
 
 
@@ -106,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key, e.g. --set train.lr=0.01 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="train -> compress -> sweep -> export -> report from one recipe (cached stages)")
+    p.add_argument("recipe", help="path to a YAML recipe (may hold a grid of experiments)")
+    p.add_argument("--out", default=None, help="run directory (default: <output_dir>/<name>)")
+    p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run directory")
+    p.add_argument("run_dir", help="a directory written by `qready run`")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sweep", help="PTQ-evaluate a checkpoint at many bit widths")
     p.add_argument("checkpoint", help="checkpoint directory written by `qready train`")

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .quant.spec import GRANULARITIES, RANGE_METHODS
+from .quant.spec import ACT_BITS, GRANULARITIES, RANGE_METHODS, WEIGHT_BITS
 from .train.config import TrainConfig
 
 
@@ -103,6 +103,62 @@ class RegularizerConfig:
             raise RecipeError(f"regularizers[].weight must be >= 0; got {self.weight}")
 
 
+COMPRESS_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs", "dkm", "cluster", "kmeans")
+QAT_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
+EXPORT_FORMATS: tuple[str, ...] = ("none", "packed", "onnx")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """The compression stage after training: QAT (``ste``/``lsq``/``ewgs``, fine-tuned ``epochs``
+    epochs), DKM palettization (``dkm``, fine-tuned), learnable representatives (``cluster``: trained
+    with the cluster regularizer, then snapped) or post-training k-means (``kmeans``, no training).
+    ``options`` are passed to the method (e.g. ``{delta: 0.001}`` for EWGS, ``{tau: 0.0001}`` for DKM)."""
+
+    method: str = "lsq"
+    w_bits: int = 4
+    a_bits: int | None = None
+    epochs: int = 5
+    lr: float = 1e-3
+    quantizer_lr: float | None = None
+    first_last: int | str = "same"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in COMPRESS_METHODS:
+            raise RecipeError(f"compress.method must be one of {list(COMPRESS_METHODS)}; got {self.method!r}")
+        if self.w_bits not in WEIGHT_BITS:
+            raise RecipeError(f"compress.w_bits must be one of {list(WEIGHT_BITS)}; got {self.w_bits!r}")
+        if self.method in ("dkm", "cluster", "kmeans") and self.a_bits is not None:
+            raise RecipeError(f"compress.a_bits: method {self.method!r} palettizes weights only; remove a_bits")
+        if self.method == "dkm" and self.w_bits > 4:
+            raise RecipeError(f"compress.w_bits must be 1-4 for method 'dkm'; got {self.w_bits}")
+        if self.a_bits is not None and self.a_bits not in ACT_BITS:
+            raise RecipeError(f"compress.a_bits must be one of {list(ACT_BITS)} or null; got {self.a_bits!r}")
+        if self.epochs < 0 or (self.epochs == 0 and self.method not in ("kmeans",)):
+            raise RecipeError(f"compress.epochs must be >= 1 for method {self.method!r}; got {self.epochs}")
+        if self.lr <= 0 or (self.quantizer_lr is not None and self.quantizer_lr <= 0):
+            raise RecipeError("compress.lr and compress.quantizer_lr must be > 0")
+        if self.first_last not in ("same", "float") and not (isinstance(self.first_last, int) and 1 <= self.first_last <= 8):
+            raise RecipeError(f"compress.first_last must be 'same', 'float' or a bit width 1-8; got {self.first_last!r}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``qready run`` exports: ``packed`` (bit-packed codes + scales/LUTs in safetensors),
+    ``onnx`` (QuantizeLinear/DequantizeLinear) or ``none``. Without a compress stage the exported model
+    is the PTQ model at ``bits`` (per-channel min-max)."""
+
+    format: str = "none"
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.bits not in WEIGHT_BITS:
+            raise RecipeError(f"export.bits must be one of {list(WEIGHT_BITS)}; got {self.bits!r}")
+        if self.format not in EXPORT_FORMATS:
+            raise RecipeError(f"export.format must be one of {list(EXPORT_FORMATS)}; got {self.format!r}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole run: model, data, training and the PTQ sweep, plus the seed and where outputs go."""
@@ -114,7 +170,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizers: tuple[RegularizerConfig, ...] = ()
+    compress: CompressConfig | None = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    grid: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), ready for YAML/JSON."""
@@ -142,6 +201,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        concrete = [o for o in options if o is not type(None)]
+        if len(concrete) == 1:
+            return _coerce(value, concrete[0], key)
         errors = []
         for option in options:
             if option is type(None):

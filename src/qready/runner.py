@@ -146,3 +146,135 @@ def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None) -> Prepare
 def default_run_dir(recipe: Recipe, out: str | None) -> Path:
     """``out`` if given, else ``<recipe.output_dir>/<recipe.name>``."""
     return Path(out) if out else Path(recipe.output_dir) / recipe.name
+
+
+# ------------------------------------------------------------------ stages of `qready run`
+def _compressed_label(c) -> str:
+    return f"{c.method} W{c.w_bits}" + ("" if c.a_bits is None else f"A{c.a_bits}")
+
+
+def _selector_for(first_last) -> Selector:
+    return Selector(first_last=first_last)
+
+
+def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> nn.Module:
+    """Apply the recipe's ``compress`` method to a copy of the trained model and return the result
+    (weights on their grid or palette, quantizers baked in)."""
+    import copy
+
+    from .quant.palettize import finalize_palettized, palettize
+    from .quant.qat import finalize, prepare_qat, qat_param_groups
+    from .recipe import QAT_METHODS
+
+    recipe, c = prepared.recipe, prepared.recipe.compress
+    model = copy.deepcopy(prepared.model)
+    train_cfg = replace(recipe.train, epochs=max(c.epochs, 1), lr=c.lr, warmup_epochs=0)
+    fit_kwargs = dict(val_loader=prepared.test_loader, run_dir=run_dir / "compress", resume=True, seed=recipe.seed,
+                      meta=checkpoint_meta(recipe, prepared), progress=progress)
+    options = dict(c.options)
+    if c.method in QAT_METHODS:
+        model = prepare_qat(model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
+                            calib=prepared.train_loader, inplace=True, **options)
+        groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)
+        fit(model, prepared.train_loader, train_cfg, param_groups=groups, **fit_kwargs)
+        return finalize(model)
+    select = _selector_for(c.first_last) if c.first_last != "same" else None
+    if c.method == "kmeans":
+        return palettize(model, bits=c.w_bits, method="kmeans", select=select, inplace=True, **options)
+    if c.method == "dkm":
+        model = palettize(model, bits=c.w_bits, method="dkm", select=select, inplace=True, **options)
+        fit(model, prepared.train_loader, train_cfg, **fit_kwargs)
+        return finalize_palettized(model)
+    from .regularizers import build
+
+    weight = float(options.pop("weight", 1.0))
+    reg = build("cluster", model, weight=weight, select=select, bits=c.w_bits, **options)
+    fit(model, prepared.train_loader, train_cfg, loss_terms=[reg], **fit_kwargs)
+    return palettize(model, bits=c.w_bits, method="cluster", reg=reg, inplace=True)
+
+
+def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> dict:
+    """Compress, evaluate, save (``compressed/``), export and plot weight histograms; writes
+    ``compress.json`` and returns it."""
+    from .evaluate.metrics import evaluate
+    from .regularizers.stats import plot_weight_histograms
+    from .train import save_checkpoint
+
+    c = prepared.recipe.compress
+    model = compress_model(prepared, run_dir, progress=progress)
+    metrics = evaluate(model, prepared.test_loader)
+    row = {"label": _compressed_label(c), "w_bits": c.w_bits, "a_bits": c.a_bits, "range": c.method,
+           "granularity": "compressed", "accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+    save_checkpoint(run_dir / "compressed", model, meta={**checkpoint_meta(prepared.recipe, prepared), "row": row})
+    plot_weight_histograms(prepared.model, model, run_dir / "weights.png")
+    out = {"row": row}
+    if prepared.recipe.export.format != "none":
+        out["export"] = export_model(model, prepared, run_dir)
+    (run_dir / "compress.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def export_model(model: nn.Module, prepared: Prepared, run_dir: Path) -> dict:
+    """Export ``model`` in the recipe's format next to an fp32 safetensors copy; returns file sizes."""
+    from safetensors.torch import save_file
+
+    fmt = prepared.recipe.export.format
+    fp32 = run_dir / "export" / "model_fp32.safetensors"
+    fp32.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in prepared.model.state_dict().items()
+               if v.is_floating_point()}, str(fp32))
+    meta = checkpoint_meta(prepared.recipe, prepared)["model"]
+    if fmt == "packed":
+        from .export import save_packed
+
+        target = run_dir / "export" / "model.qready"
+        save_packed(model, target, meta={"model": meta})
+    else:
+        from .export.onnx import export_onnx
+
+        target = run_dir / "export" / "model.onnx"
+        x = next(iter(prepared.test_loader))[0][:1]
+        export_onnx(model, x, target)
+    sizes = {"format": fmt, "file": target.name, "bytes": target.stat().st_size, "fp32_bytes": fp32.stat().st_size}
+    sizes["ratio"] = sizes["fp32_bytes"] / max(sizes["bytes"], 1)
+    return sizes
+
+
+def export_stage(prepared: Prepared, run_dir: Path) -> dict:
+    """Without a compress stage: export the PTQ model at ``export.bits`` (per-channel min-max)."""
+    from .quant.ptq import ptq
+
+    bits = prepared.recipe.export.bits
+    qmodel = ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
+    sizes = export_model(qmodel, prepared, run_dir)
+    (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
+    return sizes
+
+
+def experiment_assets(prepared: Prepared, run_dir: Path) -> None:
+    """Plots of one experiment: accuracy vs bits (``accuracy_vs_bits.png``) and, without a compress
+    stage, weight histograms of the float model vs its PTQ at the lowest swept bit width."""
+    from .evaluate.plots import plot_accuracy_vs_bits
+    from .evaluate.sweep import parse_bit_setting
+    from .quant.ptq import ptq
+    from .regularizers.stats import plot_weight_histograms
+
+    rows = json.loads((run_dir / "sweep.json").read_text())
+    plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png", title=f"{prepared.recipe.name}: accuracy vs bits")
+    if prepared.recipe.compress is None:
+        low = min(parse_bit_setting(b)[0] for b in prepared.recipe.sweep.bits)
+        qmodel = ptq(prepared.model, QuantSpec(bits=low, granularity=prepared.recipe.sweep.granularity,
+                                               group_size=prepared.recipe.sweep.group_size))
+        plot_weight_histograms(prepared.model, qmodel, run_dir / "weights.png")
+
+
+def experiment_summary(run_dir: Path) -> dict:
+    """What an experiment produced: sweep rows, the compressed row and export sizes (when present)."""
+    out: dict = {"dir": str(run_dir)}
+    for name, key in (("sweep.json", "sweep"), ("compress.json", "compress"), ("export.json", "export")):
+        path = run_dir / name
+        if path.is_file():
+            out[key] = json.loads(path.read_text())
+    if "compress" in out and "export" in out["compress"]:
+        out["export"] = out["compress"]["export"]
+    return out

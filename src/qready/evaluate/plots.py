@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -19,7 +19,7 @@ def _pyplot():
 
 def plot_accuracy_vs_bits(rows: Sequence[dict], path: str | Path, title: str = "PTQ accuracy vs bits") -> Path:
     """Accuracy (%) against weight bits, one line per (range method, activation bits); FP as a dashed line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:

@@ -359,7 +359,7 @@ def _progress(enabled: bool) -> Progress:
 def _describe_nonfinite(total: Tensor, parts: Mapping[str, Tensor]) -> str:
     bad = [f"{'task loss' if k == 'task' else f'loss term {k!r}'}={float(v)}"
            for k, v in parts.items() if not math.isfinite(float(v))]
-    return f"loss is {float(total)} (non-finite: {', '.join(bad) or 'the sum'})"
+    return f"loss is {float(total.detach())} (non-finite: {', '.join(bad) or 'the sum'})"
 
 
 def _make_compute_loss(

@@ -1,0 +1,111 @@
+"""`qready run`: grids of experiments, cached stages, resuming after a crash, the report."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from qready import runner
+from qready.cli import main
+from qready.evaluate.html import write_comparison
+from qready.pipeline import expand_grid, run_recipe
+from qready.recipe import RecipeError
+
+RECIPE = {
+    "name": "grid",
+    "seed": 0,
+    "model": {"name": "dwcnn", "args": {"width": 8}},
+    "data": {"name": "synthetic", "options": {"num_samples": 320, "input_shape": [1, 8, 8], "num_classes": 4, "noise": 0.3}},
+    "train": {"epochs": 2, "lr": 0.02, "batch_size": 64},
+    "sweep": {"bits": [8, 2], "ranges": ["minmax"]},
+    "grid": {"regularizers": [[], [{"name": "linf", "weight": 0.01}]]},
+}
+
+
+def _stages(events):
+    return [(e, s, skipped) for e, s, skipped in events]
+
+
+def test_grid_runs_end_to_end_and_caches(tmp_path):
+    events = []
+    root = run_recipe(RECIPE, tmp_path / "run", progress=False, on_stage=lambda *a: events.append(a))
+    summaries = json.loads((root / "experiments.json").read_text())
+    assert [s["id"] for s in summaries] == ["regularizers=none", "regularizers=linf"]
+    report = (root / "report.md").read_text()
+    assert "regularizers=none" in report and "regularizers=linf" in report
+    assert (root / "report.html").is_file() and (root / "curves.png").is_file()
+    assert all(not skipped for _, _, skipped in events)
+    # a second run skips every finished stage
+    events.clear()
+    run_recipe(RECIPE, root, progress=False, on_stage=lambda *a: events.append(a))
+    assert events and all(skipped for _, _, skipped in events)
+
+
+def test_crash_then_resume_skips_finished_stages(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = runner.sweep_recipe
+
+    def crashing(prepared, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real(prepared, *a, **k)
+
+    monkeypatch.setattr(runner, "sweep_recipe", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(RECIPE, tmp_path / "run", progress=False)
+    monkeypatch.setattr(runner, "sweep_recipe", real)
+    events = []
+    run_recipe(RECIPE, tmp_path / "run", progress=False, on_stage=lambda *a: events.append(a))
+    done = {(e, s): skipped for e, s, skipped in events}
+    assert done[("regularizers=none", "train")] and done[("regularizers=none", "report")]
+    assert done[("regularizers=linf", "train")]  # trained before the crash
+    assert not done[("regularizers=linf", "sweep")]  # the stage that crashed is redone
+    assert (tmp_path / "run" / "regularizers=linf" / "sweep.json").is_file()
+
+
+def test_bad_grid_fails_before_training(tmp_path):
+    bad = {**RECIPE, "grid": {"sweep.bits": [[8], [0]]}}
+    with pytest.raises(RecipeError, match=r"bits=0.*sweep\.bits\[0\]"):
+        run_recipe(bad, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "bits=8").exists()
+    with pytest.raises(RecipeError, match="grid"):
+        expand_grid({**RECIPE, "grid": {"seed": 3}})
+
+
+def test_cli_run_and_report(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    assert "W2 minmax" in capsys.readouterr().out
+    (tmp_path / "one" / "report.html").unlink()
+    assert main(["report", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / "report.html").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (install Debian's 'chromium' package to run this check)")
+    root = run_recipe({k: v for k, v in RECIPE.items() if k != "grid"}, tmp_path / "run", progress=False)
+    write_comparison(root)
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", (root / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert "id=\"results\"" in out and "<td>baseline</td>" in out
+    assert 'data-images-loaded="2"' in out  # both embedded PNGs decoded by the browser

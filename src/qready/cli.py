@@ -91,6 +91,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .evaluate.inspect import inspect_command
+
+    return inspect_command(args.checkpoint, batches=args.batches, bits=tuple(args.bits), as_json=args.json,
+                           data_root=args.data_root)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -145,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a run directory")
     p.add_argument("run_dir", help="a directory written by `qready run`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("inspect", help="quantization-readiness diagnosis of a checkpoint, layer by layer")
+    p.add_argument("checkpoint", help="checkpoint directory written by `qready train` / `qready run`")
+    p.add_argument("--bits", type=lambda t: [int(b) for b in _csv(t)], default=[8, 4, 3, 2],
+                   help="bit widths of the sensitivity estimate (default 8,4,3,2)")
+    p.add_argument("--batches", type=int, default=4, help="training batches used for gradients (default 4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("sweep", help="PTQ-evaluate a checkpoint at many bit widths")
     p.add_argument("checkpoint", help="checkpoint directory written by `qready train`")

@@ -84,6 +84,8 @@ def expand_grid(data: dict[str, Any]) -> list[Experiment]:
     for values in itertools.product(*(grid[k] for k in keys)):
         overrides = dict(zip(keys, values))
         exp_id = "__".join(f"{k.split('.')[-1]}={slug(v)}" for k, v in overrides.items())
+        if exp_id in {e.id for e in experiments}:
+            exp_id = f"{exp_id}~{fingerprint(overrides)[:6]}"
         items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in overrides.items()]
         try:
             recipe = recipe_from_dict(apply_overrides(data, items))

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qready.registry import Registry
 
@@ -79,21 +80,52 @@ def load_dataset(
     return DATASETS.build(name, root=None if root is None else os.fspath(root), seed=seed, **options)
 
 
+def _process_group_size() -> int:
+    """Processes in the initialised ``torch.distributed`` group (1 when there is none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def make_loaders(
-    splits: DatasetSplits, batch_size: int, *, seed: int = 0, num_workers: int = 0
+    splits: DatasetSplits,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    num_workers: int = 0,
+    distributed: bool | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """``(train_loader, test_loader)`` yielding ``(x [B, *input_shape] float32, y [B] int64)``.
 
     The train loader reshuffles every epoch from a ``torch.Generator`` seeded with ``seed``, so the
     sequence of batches is the same for the same seed; the test loader keeps dataset order.
+
+    ``distributed`` (default: whether a ``torch.distributed`` process group of more than one process
+    is initialised, e.g. under ``torchrun``): the train loader draws from a ``DistributedSampler``
+    (shuffled with ``seed`` and the epoch set by ``sampler.set_epoch``, which ``qready.train.fit``
+    calls), so each of the W processes sees its own 1/W of every epoch. ``batch_size`` stays the
+    *global* batch: each process loads ``batch_size / W`` samples per step (W must divide it). The
+    test loader is not sharded.
     """
     batch_size = check_int("batch_size", batch_size, minimum=1)
     seed = check_int("seed", seed)
     num_workers = check_int("num_workers", num_workers, minimum=0)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    train = DataLoader(
-        splits.train, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers
-    )
+    if distributed is None:
+        distributed = _process_group_size() > 1
+    if not isinstance(distributed, bool):
+        raise ValueError(f"option 'distributed' must be True, False or None; got {distributed!r}")
+    if distributed:
+        world = _process_group_size()
+        if world == 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        if batch_size % world:
+            raise ValueError(f"option 'batch_size' ({batch_size}, the global batch) must be divisible by the "
+                             f"number of processes ({world})")
+        sampler = DistributedSampler(splits.train, num_replicas=world, rank=dist.get_rank(), shuffle=True, seed=seed)
+        train = DataLoader(splits.train, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers)
+    else:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        train = DataLoader(
+            splits.train, batch_size=batch_size, shuffle=True, generator=generator, num_workers=num_workers
+        )
     test = DataLoader(splits.test, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return train, test

@@ -39,16 +39,19 @@ def load_experiments(root: Path) -> list[dict]:
 def slug(value: object) -> str:
     """A short label for a grid value: regularizer lists by their names, dicts by their ``name``."""
     if isinstance(value, dict):
-        value = value.get("name") or value.get("method") or ",".join(f"{k}:{slug(v)}" for k, v in value.items())
+        name = value.get("name") or value.get("method")
+        if name and "weight" in value:
+            name = f"{name}@{value['weight']}"
+        value = name or ",".join(f"{k}:{slug(v)}" for k, v in value.items())
     if isinstance(value, list):
         value = "+".join(slug(v) for v in value) or "none"
     return str(value).replace("/", "-").replace(" ", "")
 
 
 def group_key(exp: dict) -> str:
-    """The experiment's overrides without the seed, as a label (``"baseline"`` when none)."""
-    items = [f"{k.split('.')[-1]}={slug(v)}" for k, v in exp["overrides"].items() if k != "seed"]
-    return ", ".join(items) or "baseline"
+    """The experiment's id without its seed part, as a label (``"baseline"`` when nothing is left)."""
+    parts = [p for p in str(exp.get("id", "")).split("__") if p and p != "main" and not p.startswith("seed=")]
+    return ", ".join(parts) or "baseline"
 
 
 def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]], dict[str, dict]]:

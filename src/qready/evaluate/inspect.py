@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,28 +162,29 @@ def _step_l1(weight: torch.Tensor, grad: torch.Tensor, spec: QuantSpec) -> float
     return float((step.to(rows.device) / 2 * rows.sum(dim=1)).sum())
 
 
-def _loss(model: nn.Module, batches: Sequence, criterion: Criterion, device: torch.device) -> torch.Tensor:
-    """Sample-weighted mean of ``criterion`` over ``(x, y)`` ``batches`` (a scalar)."""
+def _batch_losses(model: nn.Module, batches: Sequence, criterion: Criterion,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Per batch, ``criterion`` weighted by the batch's share of the samples: they sum to the mean loss."""
     total = sum(int(y.shape[0]) for _, y in batches)
-    loss = torch.zeros((), device=device)
     for batch in batches:
         x, y = batch_to_device(batch, device)
-        loss = loss + criterion(model(x), y) * (y.shape[0] / total)
-    return loss
+        yield criterion(model(x), y) * (y.shape[0] / total)
+
+
+def _loss(model: nn.Module, batches: Sequence, criterion: Criterion, device: torch.device) -> float:
+    """Sample-weighted mean of ``criterion`` over the ``(x, y)`` ``batches``."""
+    return float(sum(loss.item() for loss in _batch_losses(model, batches, criterion, device)))
 
 
 def _gradients(model: nn.Module, weights: list[torch.Tensor], batches: Sequence, criterion: Criterion,
                device: torch.device) -> list[torch.Tensor]:
     """∇L for each tensor of ``weights`` (without touching ``.grad``), one batch at a time."""
-    total = sum(int(y.shape[0]) for _, y in batches)
     grads = [torch.zeros_like(w) for w in weights]
     saved = [w.requires_grad for w in weights]
     try:
         for w in weights:
             w.requires_grad_(True)
-        for batch in batches:
-            x, y = batch_to_device(batch, device)
-            loss = criterion(model(x), y) * (y.shape[0] / total)
+        for loss in _batch_losses(model, batches, criterion, device):
             for acc, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True), strict=True):
                 if g is not None:
                     acc += g
@@ -202,7 +203,7 @@ def _measure(model: nn.Module, weight: torch.Tensor, spec: QuantSpec, bits: Sequ
     try:
         for b in bits:
             weight.copy_(fake_quantize(original, spec.with_bits(b)))
-            out[b] = float(_loss(model, batches, criterion, device)) - base
+            out[b] = _loss(model, batches, criterion, device) - base
     finally:
         weight.copy_(original)
     return out
@@ -289,7 +290,7 @@ def diagnose(
         weights = [item.module.weight for item in chosen]
         grads = _gradients(model, weights, cached, criterion, device)
         with torch.no_grad():
-            base = float(_loss(model, cached, criterion, device))
+            base = _loss(model, cached, criterion, device)
         layers = []
         for item, weight, grad in zip(chosen, weights, grads, strict=True):
             stats = weight_stats(weight)
@@ -325,10 +326,12 @@ def diagnose(
 
 def inspect_command(ckpt: str, *, batches: int = 4, bits: Sequence[int | str] = (8, 4, 3, 2),
                     as_json: bool = False, data_root: str | None = None) -> int:
-    """``qready inspect CKPT``: diagnose a checkpoint written by ``qready train`` on its recipe's
-    training data with its recipe's PTQ spec (first range method); print a table and the
-    recommendations, or the JSON of the :class:`Diagnosis` with ``as_json``. Returns 0."""
+    """``qready inspect CKPT``: diagnose every Linear/Conv/Embedding layer of a checkpoint written by
+    ``qready train`` (first and last included, flagged) on the first ``batches`` batches of its recipe's
+    training loader, with its recipe's PTQ spec (``sweep`` granularity, symmetry, first range method).
+    Prints a table and the recommendations, or the :class:`Diagnosis` as JSON with ``as_json``. Returns 0."""
     from rich.console import Console
+    from rich.measure import Measurement
 
     from ..runner import prepare_from_checkpoint
 
@@ -340,8 +343,12 @@ def inspect_command(ckpt: str, *, batches: int = 4, bits: Sequence[int | str] = 
     if as_json:
         print(diagnosis.to_json())
         return 0
+    table = diagnosis.table(title=f"Quantization readiness of {ckpt} ({spec.granularity}, {spec.range})")
     console = Console()
-    console.print(diagnosis.table(title=f"Quantization readiness of {ckpt} ({spec.granularity}, {spec.range})"))
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if needed > console.width:  # a narrow terminal or a pipe: let lines run long rather than truncate cells
+        console = Console(width=needed)
+    console.print(table)
     for line in diagnosis.recommend:
         console.print(f"- {line}", highlight=False)
     return 0

@@ -27,3 +27,29 @@ __all__ = [
     "quantize",
     "recalibrate_batchnorm",
 ]
+
+# palettization (k-means, DKM, LUTs)
+from .codebook import Palette, find_palette, nearest, snap  # noqa: E402
+from .dkm import DKMWeight, dkm_naive, dkm_unique  # noqa: E402
+from .kmeans import kmeans1d  # noqa: E402
+from .palettize import finalize_palettized, palettize  # noqa: E402
+
+__all__ += ["DKMWeight", "Palette", "dkm_naive", "dkm_unique", "finalize_palettized", "find_palette", "kmeans1d",
+            "nearest", "palettize", "snap"]
+
+from .activations import attach_input_module  # noqa: E402
+from .hessian import EWGSDeltaUpdater, estimate_ewgs_deltas, hutchinson_trace  # noqa: E402
+from .qat import METHODS as QAT_METHODS  # noqa: E402
+from .qat import finalize, prepare_qat, qat_param_groups, quantizer_parameters  # noqa: E402
+
+__all__ += [
+    "QAT_METHODS",
+    "EWGSDeltaUpdater",
+    "attach_input_module",
+    "estimate_ewgs_deltas",
+    "finalize",
+    "hutchinson_trace",
+    "prepare_qat",
+    "qat_param_groups",
+    "quantizer_parameters",
+]

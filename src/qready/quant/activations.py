@@ -106,3 +106,12 @@ def attach_input_quantizer(module: nn.Module, spec: QuantSpec, seed: int = 0) ->
 def input_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
     """Every activation quantizer in ``model``."""
     return [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+
+
+def attach_input_module(module: nn.Module, quantizer: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Give ``module`` a prebuilt quantizer module on its first input (the same hook as
+    :func:`attach_input_quantizer`); returns the hook handle, so the attachment can be undone."""
+    if hasattr(module, ATTR):
+        raise ValueError(f"{type(module).__name__} already has an input quantizer")
+    module.add_module(ATTR, quantizer)
+    return module.register_forward_pre_hook(_quantize_input_hook)

@@ -14,17 +14,11 @@ from .activations import attach_input_quantizer, input_quantizers
 from .functional import fake_quantize
 from .select import Selector, as_selector
 from .spec import QuantSpec
+from .validate import check_finite
+
+check_finite_weights = check_finite  # the name used by qat/palettize
 
 log = logging.getLogger("qready.ptq")
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first parameter or buffer that holds NaN or Inf."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise ValueError(f"{kind} {name!r} holds {bad} non-finite value(s) (NaN/Inf); fix the model first")
 
 
 def batch_inputs(batch: object) -> torch.Tensor:
@@ -107,7 +101,7 @@ def ptq(
     if (act_spec is not None or bn_recalibrate) and calib is None:
         raise ValueError("activation quantization and BN re-estimation need calibration batches: pass calib=")
     selector = as_selector(select)
-    check_finite_weights(model)
+    check_finite(model)
     if not selector.select(model):
         raise ValueError(
             f"no module of {type(model).__name__} matches the selector "

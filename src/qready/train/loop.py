@@ -12,10 +12,14 @@ Extension points:
   never in two groups -- an explicit group wins over the model and loss-term groups.
 * **callbacks** ``cb(epoch, metrics, model)`` after each epoch; they may add entries to ``metrics``
   (logged and checkpointed) and raise :class:`StopTraining` to end training after this epoch.
+
+Under ``torchrun`` (an initialised process group of more than one process) ``fit`` trains with DDP; see
+:mod:`qready.train.distributed` for what runs where.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,6 +47,7 @@ from rich.progress import (
 from torch import Tensor, nn
 
 from ..evaluate.metrics import batch_to_device, evaluate
+from . import distributed
 from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler
 from .guards import NonFiniteError, check_finite, first_nonfinite
@@ -97,7 +102,8 @@ class StepContext:
     ``compute_loss()`` runs forward + task loss + active loss terms and returns ``(total, parts)``
     where ``parts`` maps ``"task"`` and each term name to its detached value. ``step`` is the global
     0-based step index (``epoch * steps_per_epoch + batch index``). Train accuracy and per-term
-    metrics come from the first ``compute_loss()`` call of the step.
+    metrics come from the first ``compute_loss()`` call of the step. ``model`` is the unwrapped module
+    even under DDP; ``net`` is what the forward runs through (the DDP wrapper, or ``model``).
     """
 
     model: nn.Module
@@ -108,6 +114,13 @@ class StepContext:
     step: int
     grad_clip: float | None = None
     logs: dict[str, float] = field(default_factory=dict)
+    net: nn.Module | None = field(default=None, repr=False)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Under DDP: a context in which forward + backward keep gradients local (not averaged over
+        processes; e.g. the ascent pass of SAM); they are averaged at the next synchronised backward.
+        Does nothing for a single process."""
+        return distributed.no_sync(self.net) if self.net is not None else contextlib.nullcontext()
 
     @property
     def params(self) -> list[Tensor]:
@@ -369,9 +382,13 @@ def _make_compute_loss(
     criterion: nn.Module,
     terms: Sequence[tuple[str, Any]],
     record: dict[str, Any],
+    net: nn.Module | None = None,
 ) -> Callable[[], tuple[Tensor, dict[str, Tensor]]]:
+    """``model`` is what terms see; the forward runs through ``net`` (its DDP wrapper) when given."""
+    forward = net if net is not None else model
+
     def compute_loss() -> tuple[Tensor, dict[str, Tensor]]:
-        out = model(x)
+        out = forward(x)
         task = criterion(out, y)
         total = task
         parts: dict[str, Tensor] = {"task": task.detach()}
@@ -379,7 +396,9 @@ def _make_compute_loss(
             if getattr(term, "needs_graph", False) and not task.requires_grad:
                 raise RuntimeError(f"loss term {name!r} needs the task loss graph, but the task loss does "
                                    "not require grad (was compute_loss called under torch.no_grad()?)")
-            value = term(model, task)
+            graph = getattr(term, "needs_graph", False) and net is not None
+            with distributed.global_gradients(net) if graph else contextlib.nullcontext():
+                value = term(model, task)
             if not isinstance(value, Tensor):
                 value = torch.as_tensor(value, dtype=task.dtype, device=task.device)
             if value.numel() != 1:
@@ -387,8 +406,10 @@ def _make_compute_loss(
             value = value.reshape(())
             parts[name] = value.detach()
             total = total + value
-        if not bool(torch.isfinite(total.detach())):
-            raise NonFiniteError(_describe_nonfinite(total, parts))
+        finite = bool(torch.isfinite(total.detach()))
+        if not distributed.all_agree(finite, total.device):
+            raise NonFiniteError(_describe_nonfinite(total, parts) if not finite
+                                 else "the loss is non-finite on another process")
         if "parts" not in record:
             record["outputs"] = out.detach()
             record["parts"] = parts
@@ -431,6 +452,22 @@ class _EpochStats:
     def _mean_add(self, key: str, value: float) -> None:
         self.sums[key] += value
         self.counts[key] += 1
+
+    @classmethod
+    def combine(cls, parts: Sequence[_EpochStats]) -> _EpochStats:
+        """The stats of all processes' batches together (``skipped`` steps are global: the same on each)."""
+        out = cls()
+        for part in parts:
+            out.n += part.n
+            out.loss_sum += part.loss_sum
+            out.task_sum += part.task_sum
+            out.correct += part.correct
+            out.acc_n += part.acc_n
+            for key, value in part.sums.items():
+                out.sums[key] += value
+                out.counts[key] += part.counts[key]
+        out.skipped = max(part.skipped for part in parts)
+        return out
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -482,7 +519,9 @@ def _restore(
         with torch.no_grad():
             for p, v in zip(outside, saved_outside, strict=True):
                 p.copy_(v)
-        _set_rng_state(extra["rng"])
+        by_rank = extra.get("rng_by_rank")
+        same_world = isinstance(by_rank, list) and len(by_rank) == distributed.world_size()
+        _set_rng_state(by_rank[distributed.rank()] if same_world else extra["rng"])
         saved_gens = extra.get("loader_generators", [])
         if len(saved_gens) == len(generators):
             for g, s in zip(generators, saved_gens, strict=True):
@@ -493,11 +532,12 @@ def _restore(
     saved_cfg = ckpt.meta.get("train_config")
     if isinstance(saved_cfg, dict):
         diff = sorted(k for k, v in cfg.to_dict().items() if k in saved_cfg and saved_cfg[k] != v)
-        if diff:
+        if diff and distributed.is_main_process():
             logger.warning("resuming %s with a different TrainConfig (%s); the schedule continues from the "
                            "saved step with the new settings", path, ", ".join(diff))
     history = list(ckpt.meta.get("history", []))
-    logger.info("resumed from %s after epoch %d/%d", ckpt.path, ckpt.meta["epoch"] + 1, cfg.epochs)
+    if distributed.is_main_process():
+        logger.info("resumed from %s after epoch %d/%d", ckpt.path, ckpt.meta["epoch"] + 1, cfg.epochs)
     return history, ckpt.meta["epoch"] + 1
 
 
@@ -537,6 +577,12 @@ def fit(
     ``skipped_steps`` and ``time_s``; NaN/Inf are written as ``null``. Weights (or loss-term state)
     that become NaN/Inf raise :class:`NonFiniteError` before anything is checkpointed, whatever
     ``cfg.nonfinite`` says.
+
+    Distributed (a process group of W > 1 processes, e.g. under ``torchrun``): the model is trained
+    through DDP, process ``r`` is seeded with ``seed + r``, ``train_loader`` should shard the data
+    (``DistributedSampler``; its ``set_epoch`` is called every epoch) and the metrics cover all
+    processes. Only rank 0 logs, evaluates, writes files and checkpoints; on resume every process
+    loads the checkpoint. See :mod:`qready.train.distributed`.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
@@ -554,8 +600,9 @@ def fit(
     if not callable(getattr(strategy, "step", None)):
         raise TypeError(f"step_strategy must have a step(ctx) method; got {type(strategy).__name__}")
 
+    main = distributed.is_main_process()
     if seed is not None:
-        seed_everything(seed)
+        seed_everything(seed + distributed.rank())
     dev = _resolve_device(model, device)
     if device is not None:
         model.to(dev)
@@ -578,10 +625,21 @@ def fit(
         run_path.mkdir(parents=True, exist_ok=True)
         if resume and checkpoint_exists(ckpt_path):
             history, start = _restore(ckpt_path, model, optimizer, scheduler, terms, outside, generators, cfg)
-        elif resume:
+        elif resume and main:
             logger.warning("resume=True but there is no checkpoint at %s; starting from scratch", ckpt_path)
-        _write_lines(run_path / METRICS_FILE, history)
+        if main:
+            _write_lines(run_path / METRICS_FILE, history)
 
+    net = distributed.maybe_wrap_ddp(model, dev)
+    sync: distributed.GradSync | None = None
+    if net is not model:
+        if main and not distributed.is_sharded(train_loader):
+            logger.warning("distributed training with a train_loader that has no DistributedSampler: every "
+                           "process trains on the same batches")
+        term_tensors = [t for _, term in terms if isinstance(term, nn.Module) for t in term.state_dict().values()]
+        distributed.broadcast_tensors([*term_tensors, *outside])
+        term_params = [p for _, term in terms if isinstance(term, nn.Module) for p in term.parameters()]
+        sync = distributed.GradSync(list({id(p): p for p in [*term_params, *outside]}.values()), net)
     was_training = model.training
     stopped = False
     try:
@@ -590,11 +648,12 @@ def fit(
             if seed is not None:
                 for g in generators:
                     g.manual_seed(seed + epoch)
+            distributed.set_epoch(train_loader, epoch)
             active = [(n, t) for n, t in terms if _is_active(t, epoch)]
             lr = float(optimizer.param_groups[0]["lr"])
             stats = _EpochStats()
             model.train()
-            with _progress(progress) as bar:
+            with _progress(progress and main) as bar:
                 task_id = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, loss=math.nan)
                 for i, batch in enumerate(train_loader):
                     x, y = batch_to_device(batch, dev)
@@ -603,10 +662,13 @@ def fit(
                         model=model,
                         batch=(x, y),
                         optimizer=optimizer,
-                        compute_loss=_make_compute_loss(model, x, y, criterion, active, record),
+                        compute_loss=_make_compute_loss(
+                            model, x, y, criterion, active, record, net if net is not model else None
+                        ),
                         epoch=epoch,
                         step=epoch * steps_per_epoch + i,
                         grad_clip=cfg.grad_clip,
+                        net=net,
                     )
                     value = math.nan
                     try:
@@ -622,7 +684,8 @@ def fit(
                             raise NonFiniteError(
                                 f"{where}: {e}; stopping because TrainConfig.nonfinite='stop'{last}"
                             ) from e
-                        logger.warning("%s: %s; skipping this update (TrainConfig.nonfinite='skip')", where, e)
+                        if main:
+                            logger.warning("%s: %s; skipping this update (TrainConfig.nonfinite='skip')", where, e)
                         stats.skipped += 1
                     else:
                         stats.add(value, record, ctx.logs, y)
@@ -632,14 +695,17 @@ def fit(
                         scheduler.step()
                     bar.update(task_id, advance=1, loss=value)
 
-            val = evaluate(model, val_loader, device=dev) if val_loader is not None else None
-            _check_weights(model, terms, outside, epoch, cfg, ckpt_path)
+            if net is not model:
+                stats = _EpochStats.combine(distributed.gather_objects(stats))
+            val = evaluate(model, val_loader, device=dev) if val_loader is not None and main else None
+            val = distributed.broadcast_object(val)
+            _check_weights(model, terms, outside, epoch, cfg, ckpt_path, dev)
             metrics: dict[str, Any] = {"epoch": epoch, **stats.metrics()}
             metrics["val_loss"] = val["loss"] if val is not None else None
             metrics["val_acc"] = val["accuracy"] if val is not None else None
             metrics["lr"] = lr
             metrics["time_s"] = time.perf_counter() - t0
-            if stats.skipped:
+            if stats.skipped and main:
                 logger.warning("epoch %d/%d: %d of %d steps skipped for non-finite loss/gradients",
                                epoch + 1, cfg.epochs, stats.skipped, steps_per_epoch)
             for cb in callbacks:
@@ -647,10 +713,13 @@ def fit(
                     cb(epoch, metrics, model)
                 except StopTraining:
                     stopped = True
+            stopped = not distributed.all_agree(not stopped, dev)
             clean = _jsonable(metrics)
             history.append(clean)
-            logger.info("%s", _format_epoch(clean, cfg.epochs))
-            if run_path is not None and ckpt_path is not None:
+            if main:
+                logger.info("%s", _format_epoch(clean, cfg.epochs))
+            rng_by_rank = distributed.gather_objects(_rng_state()) if net is not model else None
+            if run_path is not None and ckpt_path is not None and main:
                 with open(run_path / METRICS_FILE, "a") as f:
                     f.write(json.dumps(clean, allow_nan=False) + "\n")
                 save_checkpoint(
@@ -672,13 +741,18 @@ def fit(
                         "loader_generators": [g.get_state() for g in generators],
                         "loss_terms": [t.state_dict() if isinstance(t, nn.Module) else None for _, t in terms],
                         "outside_params": [p.detach().to("cpu", copy=True) for p in outside],
+                        **({"rng_by_rank": rng_by_rank} if rng_by_rank is not None else {}),
                     },
                 )
+            distributed.barrier()
             if stopped:
-                logger.info("training stopped by a callback after epoch %d/%d", epoch + 1, cfg.epochs)
+                if main:
+                    logger.info("training stopped by a callback after epoch %d/%d", epoch + 1, cfg.epochs)
                 break
     finally:
         model.train(was_training)
+        if sync is not None:
+            sync.remove()
     return TrainResult(
         history=history,
         final=dict(history[-1]) if history else {},
@@ -695,8 +769,10 @@ def _check_weights(
     epoch: int,
     cfg: TrainConfig,
     ckpt_path: Path | None,
+    device: torch.device,
 ) -> None:
-    """Raise :class:`NonFiniteError` (nothing is checkpointed) when any trained tensor is NaN/Inf."""
+    """Raise :class:`NonFiniteError` (nothing is checkpointed) when any trained tensor is NaN/Inf (on any
+    process, when distributed)."""
     problem: str | None = None
     try:
         check_finite(model)
@@ -709,6 +785,8 @@ def _check_weights(
     if problem is None:
         bad = first_nonfinite((f"param_groups tensor {i}", p) for i, p in enumerate(outside))
         problem = bad
+    if not distributed.all_agree(problem is None, device) and problem is None:
+        problem = "non-finite values on another process"
     if problem is not None:
         last = f"; the last checkpoint ({ckpt_path}) is untouched" if ckpt_path else ""
         raise NonFiniteError(f"epoch {epoch + 1}/{cfg.epochs}: training diverged, {problem}{last}")

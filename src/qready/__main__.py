@@ -1,0 +1,7 @@
+"""``python -m qready ...`` (also ``torchrun ... -m qready train RECIPE``): the ``qready`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""Sharpness-aware training and quantization: SAM / ASAM, the SAQ step, BOPs and mixed precision.
+
+* :class:`SAM`, :class:`ASAM` -- optimizer wrappers (two-step and closure APIs); :class:`SAMStep`
+  for :func:`qready.train.fit`.
+* :class:`SAQ` -- the sharpness-aware step of a quantized model (perturbs ``Q(w)``); :class:`SAQStep`
+  for :func:`qready.train.fit`.
+* :class:`RhoSchedule` -- ρ = 0 during a warm-up, then ρ.
+* :func:`bops` -- bit operations per layer and in total.
+* :func:`search_mixed_precision`, :func:`prepare_mixed` -- per-layer bit widths under a BOPs budget,
+  then QAT (and SAQ) of the mixed-precision model.
+"""
+
+from .ascent import RhoSchedule, ascent_direction
+from .bops import BopsReport, LayerBops, bops, layer_macs
+from .mixed import MixedPrecisionResult, prepare_mixed, search_mixed_precision
+from .perturbation import Perturbation
+from .sam import ASAM, SAM, SAMStep
+from .saq import SAQ, SAQStep
+from .twopass import TwoPass
+
+__all__ = [
+    "ASAM",
+    "SAM",
+    "SAQ",
+    "BopsReport",
+    "LayerBops",
+    "MixedPrecisionResult",
+    "Perturbation",
+    "RhoSchedule",
+    "SAMStep",
+    "SAQStep",
+    "TwoPass",
+    "ascent_direction",
+    "bops",
+    "layer_macs",
+    "prepare_mixed",
+    "search_mixed_precision",
+]

@@ -1,0 +1,146 @@
+"""Bit operations (BOPs): the cost measure of a (mixed-precision) quantized network.
+
+Per layer ``BOPs = MACs · b_w · b_a`` with, for one input sample,
+
+* ``ConvNd``: ``MACs = prod(kernel) · C_in · (C_out / groups) · prod(output spatial)`` (for Conv2d
+  ``k² · C_in · (C_out/groups) · H_out · W_out``; Conv1d ``k · ... · L_out``);
+* ``Linear``: ``MACs = in · out`` (times the leading dimensions of a ``[1, ..., in]`` input, e.g.
+  tokens).
+
+MACs are measured with forward hooks on one dummy input ``zeros(1, *input_shape)`` in eval mode
+(a layer run several times counts every call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quant.quantizers import ActivationQAT
+
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BitsLike = int | Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class LayerBops:
+    """One layer: MACs per sample, weight and activation bits, and ``bops = macs · w_bits · a_bits``."""
+
+    name: str
+    macs: int
+    w_bits: int
+    a_bits: int
+
+    @property
+    def bops(self) -> int:
+        return self.macs * self.w_bits * self.a_bits
+
+
+@dataclass(frozen=True)
+class BopsReport:
+    """Per-layer BOPs (in the model's layer order) and their total."""
+
+    layers: tuple[LayerBops, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(layer.bops for layer in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def __getitem__(self, name: str) -> LayerBops:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in this report; layers: {[la.name for la in self.layers]}")
+
+    def rows(self) -> list[dict]:
+        """One dict per layer (name, macs, w_bits, a_bits, bops) -- for tables and JSON."""
+        return [{"name": la.name, "macs": la.macs, "w_bits": la.w_bits, "a_bits": la.a_bits, "bops": la.bops}
+                for la in self.layers]
+
+
+def _macs_hook(macs: dict[str, int], name: str):
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            count = module.in_features * out.numel()
+        else:
+            count = math.prod(module.kernel_size) * (module.in_channels // module.groups) * out.numel()
+        macs[name] = macs.get(name, 0) + int(count)
+
+    return hook
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """MACs per sample of every Conv1d/2d/3d and Linear layer that runs (name -> MACs, layer order).
+
+    ``input_shape``: one sample's shape, without the batch dimension (e.g. ``(1, 8, 8)``).
+    """
+    shape = tuple(input_shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (no batch dim); got {input_shape!r}")
+    late = [n for n, m in model.named_modules() if isinstance(m, ActivationQAT) and not m.initialized]
+    if late:
+        raise ValueError(f"activation quantizers {late} are not initialised; a dummy forward would initialise them "
+                         "from zeros: compute BOPs on the float model or after calibration")
+    ref = next(iter(model.parameters()), None)
+    x = torch.zeros((1, *shape), device=ref.device if ref is not None else None,
+                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    macs: dict[str, int] = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    handles = [m.register_forward_hook(_macs_hook(macs, n)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: macs[n] for n, _ in layers if n in macs}
+
+
+def _bits_for(bits: BitsLike, names: Sequence[str], arg: str) -> dict[str, int]:
+    def check(value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+            raise ValueError(f"{arg}{where} must be an int in 1-32; got {value!r}")
+        return value
+
+    if isinstance(bits, Mapping):
+        return {n: check(bits[n], f"[{n!r}]") for n in names}
+    value = check(bits, "")
+    return dict.fromkeys(names, value)
+
+
+def bops_from_macs(macs: Mapping[str, int], w_bits: BitsLike, a_bits: BitsLike) -> BopsReport:
+    """A :class:`BopsReport` from per-layer MACs (see :func:`layer_macs`).
+
+    The layers are those of ``w_bits`` when it is a dict (each must be in ``macs``), else all of
+    ``macs``; a dict ``a_bits`` must cover the same layers.
+    """
+    names = list(w_bits) if isinstance(w_bits, Mapping) else list(macs)
+    missing = [n for n in names if n not in macs]
+    if missing:
+        raise ValueError(f"w_bits names layers without measured MACs: {missing}; measured: {list(macs)}")
+    if isinstance(a_bits, Mapping):
+        lacking = [n for n in names if n not in a_bits]
+        if lacking:
+            raise ValueError(f"a_bits has no entry for layers {lacking}")
+    wb, ab = _bits_for(w_bits, names, "w_bits"), _bits_for(a_bits, names, "a_bits")
+    return BopsReport(tuple(LayerBops(n, macs[n], wb[n], ab[n]) for n in names))
+
+
+def bops(model: nn.Module, input_shape: Sequence[int], w_bits: BitsLike = 32, a_bits: BitsLike = 32) -> BopsReport:
+    """BOPs of ``model`` for one sample of ``input_shape`` (no batch dim).
+
+    ``w_bits`` / ``a_bits``: one bit width for every Conv/Linear layer, or a dict ``name -> bits``
+    (the report then covers exactly the dict's layers; use 32 for a float layer).
+    """
+    return bops_from_macs(layer_macs(model, input_shape), w_bits, a_bits)

@@ -109,3 +109,24 @@ def test_report_renders_in_headless_chromium(tmp_path):
     ).stdout
     assert "id=\"results\"" in out and "<td>baseline</td>" in out
     assert 'data-images-loaded="2"' in out  # both embedded PNGs decoded by the browser
+
+
+def test_compress_and_export_stages(tmp_path):
+    recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
+    recipe["export"] = {"format": "packed"}
+    recipe["grid"] = {"compress": [{"method": "lsq", "w_bits": 4, "a_bits": 8, "epochs": 1},
+                                   {"method": "kmeans", "w_bits": 2}]}
+    root = run_recipe(recipe, tmp_path / "run", progress=False)
+    summaries = {s["id"]: s for s in json.loads((root / "experiments.json").read_text())}
+    assert set(summaries) == {"compress=lsq", "compress=kmeans"}
+    for exp_id, s in summaries.items():
+        row = s["compress"]["row"]
+        assert 0.0 <= row["accuracy"] <= 100.0 and row["range"] == exp_id.split("=")[1]
+        assert s["export"]["bytes"] > 0 and (root / exp_id / "export" / "model.qready").is_file()
+        assert (root / exp_id / "weights.png").is_file()
+    from qready.export import load_packed
+
+    model = load_packed(root / "compress=kmeans" / "export" / "model.qready")
+    w = model.features[1][0][0].weight
+    assert w.unique().numel() <= 4  # 2-bit palette survived the round trip
+    assert "compressed" in (root / "report.md").read_text()

@@ -153,10 +153,6 @@ def _compressed_label(c) -> str:
     return f"{c.method} W{c.w_bits}" + ("" if c.a_bits is None else f"A{c.a_bits}")
 
 
-def _selector_for(first_last) -> Selector:
-    return Selector(first_last=first_last)
-
-
 def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> nn.Module:
     """Apply the recipe's ``compress`` method to a copy of the trained model and return the result
     (weights on their grid or palette, quantizers baked in)."""
@@ -178,7 +174,7 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
         groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)
         fit(model, prepared.train_loader, train_cfg, param_groups=groups, **fit_kwargs)
         return finalize(model)
-    select = _selector_for(c.first_last) if c.first_last != "same" else None
+    select = Selector(first_last=c.first_last) if c.first_last != "same" else None
     if c.method == "kmeans":
         return palettize(model, bits=c.w_bits, method="kmeans", select=select, inplace=True, **options)
     if c.method == "dkm":
@@ -228,7 +224,7 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path) -> dict:
         from .export import save_packed
 
         target = run_dir / "export" / "model.qready"
-        save_packed(model, target, meta={"model": meta})
+        save_packed(model, target, meta={"model": meta["name"], "model_kwargs": meta["kwargs"]})
     else:
         from .export.onnx import export_onnx
 

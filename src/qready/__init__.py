@@ -19,6 +19,10 @@ _LAZY: dict[str, str] = {
     "quantize": "qready.quant.functional",
     "dequantize": "qready.quant.functional",
     "ptq": "qready.quant.ptq",
+    "prepare_qat": "qready.quant.qat",
+    "finalize": "qready.quant.qat",
+    "palettize": "qready.quant.palettize",
+    "finalize_palettized": "qready.quant.palettize",
     "sweep": "qready.evaluate.sweep",
     "evaluate": "qready.evaluate.metrics",
     "create_model": "qready.models",
@@ -40,7 +44,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluate.sweep import sweep
     from .models import create_model, list_models
     from .quant.functional import dequantize, fake_quantize, quantize
+    from .quant.palettize import finalize_palettized, palettize
     from .quant.ptq import ptq
+    from .quant.qat import finalize, prepare_qat
     from .quant.select import Selector
     from .quant.spec import QuantParams, QuantSpec
     from .recipe import Recipe, load_recipe

@@ -98,6 +98,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                            data_root=args.data_root)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runner import export_checkpoint
+
+    sizes = export_checkpoint(Path(args.checkpoint), fmt=args.format, bits=args.bits,
+                              out=Path(args.out) if args.out else None, data_root=args.data_root)
+    print(f"wrote {sizes['path']}: {sizes['bytes'] / 1024:.1f} KiB, {sizes['ratio']:.1f}x smaller than the "
+          f"fp32 safetensors ({sizes['fp32_bytes'] / 1024:.1f} KiB)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -161,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="export a checkpoint: bit-packed safetensors or ONNX with Q/DQ")
+    p.add_argument("checkpoint", help="a training checkpoint (quantized with PTQ at --bits) or a run's compressed/")
+    p.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    p.add_argument("--bits", type=int, default=None,
+                   help="PTQ weight bits for a float checkpoint (default: 8 for onnx, 4 for packed)")
+    p.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
+    p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="PTQ-evaluate a checkpoint at many bit widths")
     p.add_argument("checkpoint", help="checkpoint directory written by `qready train`")

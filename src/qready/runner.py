@@ -129,8 +129,9 @@ def show_sweep(rows: list[dict], title: str) -> None:
     print_table(header, lines, title=title)
 
 
-def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None) -> Prepared:
-    """Rebuild the recipe, data and trained model of a checkpoint written by :func:`train_recipe`."""
+def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None, strict: bool = True) -> Prepared:
+    """Rebuild the recipe, data and trained model of a checkpoint written by :func:`train_recipe`
+    (``strict=False`` ignores extra tensors such as calibrated activation quantizers)."""
     checkpoint = load_checkpoint(ckpt)
     meta = checkpoint.meta.get("recipe")
     if meta is None:
@@ -139,7 +140,7 @@ def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None) -> Prepare
     if data_root is not None:
         recipe = replace(recipe, data=replace(recipe.data, root=data_root))
     prepared = prepare(recipe)
-    load_model_weights(ckpt, prepared.model)
+    load_model_weights(ckpt, prepared.model, strict=strict)
     return prepared
 
 
@@ -210,11 +211,13 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
     return out
 
 
-def export_model(model: nn.Module, prepared: Prepared, run_dir: Path) -> dict:
-    """Export ``model`` in the recipe's format next to an fp32 safetensors copy; returns file sizes."""
+def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: str | None = None,
+                 target: Path | None = None, w_bits: int = 8) -> dict:
+    """Export ``model`` (``fmt`` defaults to the recipe's) next to an fp32 safetensors copy of the float
+    model; returns ``{format, path, file, bytes, fp32_bytes, ratio}``."""
     from safetensors.torch import save_file
 
-    fmt = prepared.recipe.export.format
+    fmt = fmt or prepared.recipe.export.format
     fp32 = run_dir / "export" / "model_fp32.safetensors"
     fp32.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous().clone() for k, v in prepared.model.state_dict().items()
@@ -223,15 +226,16 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path) -> dict:
     if fmt == "packed":
         from .export import save_packed
 
-        target = run_dir / "export" / "model.qready"
+        target = target or run_dir / "export" / "model.qready"
         save_packed(model, target, meta={"model": meta["name"], "model_kwargs": meta["kwargs"]})
     else:
         from .export.onnx import export_onnx
 
-        target = run_dir / "export" / "model.onnx"
+        target = target or run_dir / "export" / "model.onnx"
         x = next(iter(prepared.test_loader))[0][:1]
-        export_onnx(model, x, target)
-    sizes = {"format": fmt, "file": target.name, "bytes": target.stat().st_size, "fp32_bytes": fp32.stat().st_size}
+        export_onnx(model, x, target, w_bits=w_bits)
+    sizes = {"format": fmt, "path": str(target), "file": target.name, "bytes": target.stat().st_size,
+             "fp32_bytes": fp32.stat().st_size}
     sizes["ratio"] = sizes["fp32_bytes"] / max(sizes["bytes"], 1)
     return sizes
 
@@ -274,3 +278,21 @@ def experiment_summary(run_dir: Path) -> dict:
     if "compress" in out and "export" in out["compress"]:
         out["export"] = out["compress"]["export"]
     return out
+
+
+def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = None, out: Path | None = None,
+                      data_root: str | None = None) -> dict:
+    """``qready export``: a float checkpoint is PTQ-quantized at ``bits`` (per-channel min-max) first; a
+    run's ``compressed/`` checkpoint is exported as it is."""
+    from .quant.ptq import ptq
+    from .quant.spec import WEIGHT_BITS, check_bits
+    from .train import load_checkpoint
+
+    meta = load_checkpoint(ckpt).meta
+    prepared = prepare_from_checkpoint(ckpt, data_root=data_root, strict="row" not in meta)
+    bits = bits if bits is not None else (8 if fmt == "onnx" else 4)
+    check_bits(bits, "--bits", WEIGHT_BITS)
+    model = prepared.model if "row" in meta else ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
+    suffix = ".onnx" if fmt == "onnx" else ".qready"
+    name = f"{ckpt.name}{suffix}" if "row" in meta else f"model_w{bits}{suffix}"
+    return export_model(model, prepared, ckpt.parent, fmt=fmt, target=out or ckpt.parent / name, w_bits=bits)

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qready-installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	@if [ ! -x "$(PY)" ]; then \
@@ -31,9 +31,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
-
-bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -96,7 +96,7 @@ def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]
 
 def plot_group_curves(experiments: list[dict], path: Path) -> Path | None:
     """Mean accuracy vs weight bits (weight-only settings), one line per group and range method."""
-    from .plots import pyplot
+    from ..plotting import pyplot
 
     curves: dict[str, dict[int, list[float]]] = {}
     for exp in experiments:

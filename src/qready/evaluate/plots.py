@@ -5,16 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-
-def pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("plots need matplotlib: pip install 'qready[plots]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot
 
 
 def plot_accuracy_vs_bits(rows: Sequence[dict], path: str | Path, title: str = "PTQ accuracy vs bits") -> Path:

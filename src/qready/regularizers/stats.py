@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..plotting import pyplot
 from ..quant.select import Selector, as_selector
 
 NamesOrSelector = Sequence[str] | Selector | dict | None
@@ -76,12 +77,7 @@ def plot_weight_histograms(before: nn.Module, after: nn.Module, path: str | Path
                            selector: NamesOrSelector = None, bins: int = 60) -> Path:
     """Save a PNG with one subplot per selected layer (chosen on ``before``): the weight histograms of
     ``before`` and ``after`` overlaid on shared bins, the ranges in the legend. Returns ``path``."""
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - only without the plots extra
-        raise ImportError("plots need matplotlib: pip install 'qready[plots]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = layer_names(before, selector)
     if not names:

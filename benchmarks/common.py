@@ -93,6 +93,21 @@ def time_per_call(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 2
     return statistics.median(times)
 
 
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each step, timed round-robin after a warm-up (so a busy machine
+    slows every variant alike and the ratios stay fair)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def mean_std(values: Sequence[float]) -> str:
     """``"mean ± std"`` with two decimals (std over seeds; 0 for one value)."""
     values = list(values)

@@ -27,6 +27,7 @@ from torch import nn
 
 from benchmarks.common import (
     SETUPS,
+    interleaved_medians,
     loaders,
     markdown_table,
     mean_std,
@@ -105,16 +106,7 @@ def cost(repeats: int) -> dict:
     for name in ("plain", *METHODS):
         model = create_model("resnet20", num_classes=10)
         steps[name] = _sgd_step(model, None if name == "plain" else build(name, model, weight=0.01), x, y)
-    for step in steps.values():  # warm-up
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(steps, repeats)
     return {name: {"median_s": m, "ratio": m / medians["plain"]} for name, m in medians.items()}
 
 

@@ -79,3 +79,18 @@ def test_corrupted_checkpoint_names_the_file(tmp_path, recipe_file, capsys):
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["sweep", str(run / "checkpoint")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_export_packed_and_onnx(tmp_path, recipe_file, capsys):
+    run = tmp_path / "run"
+    main(["train", str(recipe_file), "--out", str(run), "--no-progress", "--set", "train.epochs=1"])
+    assert main(["export", str(run / "checkpoint"), "--bits", "2"]) == 0
+    assert (run / "model_w2.qready").is_file()
+    assert main(["export", str(run / "checkpoint"), "--format", "onnx", "--bits", "8", "--a-bits", "8"]) == 0
+    import onnx
+
+    graph = onnx.load(str(run / "model_w8.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"DequantizeLinear", "QuantizeLinear"} <= ops
+    assert main(["export", str(run / "checkpoint"), "--bits", "9"]) == 2
+    assert "--bits" in capsys.readouterr().err

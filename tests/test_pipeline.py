@@ -32,9 +32,9 @@ def test_grid_runs_end_to_end_and_caches(tmp_path):
     events = []
     root = run_recipe(RECIPE, tmp_path / "run", progress=False, on_stage=lambda *a: events.append(a))
     summaries = json.loads((root / "experiments.json").read_text())
-    assert [s["id"] for s in summaries] == ["regularizers=none", "regularizers=linf"]
+    assert [s["id"] for s in summaries] == ["regularizers=none", "regularizers=linf@0.01"]
     report = (root / "report.md").read_text()
-    assert "regularizers=none" in report and "regularizers=linf" in report
+    assert "regularizers=none" in report and "regularizers=linf@0.01" in report
     assert (root / "report.html").is_file() and (root / "curves.png").is_file()
     assert all(not skipped for _, _, skipped in events)
     # a second run skips every finished stage
@@ -61,9 +61,9 @@ def test_crash_then_resume_skips_finished_stages(tmp_path, monkeypatch):
     run_recipe(RECIPE, tmp_path / "run", progress=False, on_stage=lambda *a: events.append(a))
     done = {(e, s): skipped for e, s, skipped in events}
     assert done[("regularizers=none", "train")] and done[("regularizers=none", "report")]
-    assert done[("regularizers=linf", "train")]  # trained before the crash
-    assert not done[("regularizers=linf", "sweep")]  # the stage that crashed is redone
-    assert (tmp_path / "run" / "regularizers=linf" / "sweep.json").is_file()
+    assert done[("regularizers=linf@0.01", "train")]  # trained before the crash
+    assert not done[("regularizers=linf@0.01", "sweep")]  # the stage that crashed is redone
+    assert (tmp_path / "run" / "regularizers=linf@0.01" / "sweep.json").is_file()
 
 
 def test_bad_grid_fails_before_training(tmp_path):

@@ -47,9 +47,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if recipe.grid:
         raise ValueError("this recipe holds a grid of experiments: run it with `qready run`")
     run_dir = default_run_dir(recipe, args.out)
-    prepared = train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {recipe.model.name} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
-    del prepared
+    from .train.distributed import cleanup_distributed, init_distributed, is_main_process
+
+    device = init_distributed()  # under torchrun: gloo on CPU, NCCL on GPUs; None for one process
+    main_process = is_main_process()
+    try:
+        train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress and main_process,
+                     device=device)
+    finally:
+        cleanup_distributed()
+    if main_process:
+        print(f"trained {recipe.model.name} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
     return 0
 
 
@@ -101,7 +109,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .runner import export_checkpoint
 
-    sizes = export_checkpoint(Path(args.checkpoint), fmt=args.format, bits=args.bits,
+    sizes = export_checkpoint(Path(args.checkpoint), fmt=args.format, bits=args.bits, a_bits=args.a_bits,
                               out=Path(args.out) if args.out else None, data_root=args.data_root)
     print(f"wrote {sizes['path']}: {sizes['bytes'] / 1024:.1f} KiB, {sizes['ratio']:.1f}x smaller than the "
           f"fp32 safetensors ({sizes['fp32_bytes'] / 1024:.1f} KiB)")
@@ -177,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["packed", "onnx"], default="packed")
     p.add_argument("--bits", type=int, default=None,
                    help="PTQ weight bits for a float checkpoint (default: 8 for onnx, 4 for packed)")
+    p.add_argument("--a-bits", type=int, default=None,
+                   help="also quantize activations (calibrated on training batches; ONNX Q/DQ)")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.set_defaults(func=cmd_export)

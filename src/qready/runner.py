@@ -73,15 +73,21 @@ def build_regularizers(recipe: Recipe, model: nn.Module) -> list[nn.Module]:
     return [build(r.name, model, weight=r.weight, select=r.select or None, **r.options) for r in recipe.regularizers]
 
 
-def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progress: bool = True) -> Prepared:
-    """Train the recipe's model into ``run_dir`` (checkpoint, metrics.jsonl, recipe.yaml)."""
+def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progress: bool = True,
+                 device=None) -> Prepared:
+    """Train the recipe's model into ``run_dir`` (checkpoint, metrics.jsonl, recipe.yaml); under
+    torchrun every process calls this and only rank 0 writes."""
+    from .train.distributed import is_main_process
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
+    if is_main_process():
+        save_recipe(recipe, run_dir / "recipe.yaml")
     prepared = prepare(recipe)
     terms = build_regularizers(recipe, prepared.model)
     result = fit(
         prepared.model, prepared.train_loader, recipe.train, val_loader=prepared.test_loader, loss_terms=terms,
         run_dir=run_dir, resume=resume, seed=recipe.seed, meta=checkpoint_meta(recipe, prepared), progress=progress,
+        device=device,
     )
     prepared.model = result.model
     return prepared
@@ -206,7 +212,7 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
     plot_weight_histograms(prepared.model, model, run_dir / "weights.png")
     out = {"row": row}
     if prepared.recipe.export.format != "none":
-        out["export"] = export_model(model, prepared, run_dir)
+        out["export"] = export_model(model, prepared, run_dir, w_bits=c.w_bits)
     (run_dir / "compress.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -246,7 +252,7 @@ def export_stage(prepared: Prepared, run_dir: Path) -> dict:
 
     bits = prepared.recipe.export.bits
     qmodel = ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
-    sizes = export_model(qmodel, prepared, run_dir)
+    sizes = export_model(qmodel, prepared, run_dir, w_bits=bits)
     (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
     return sizes
 
@@ -280,8 +286,8 @@ def experiment_summary(run_dir: Path) -> dict:
     return out
 
 
-def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = None, out: Path | None = None,
-                      data_root: str | None = None) -> dict:
+def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = None, a_bits: int | None = None,
+                      out: Path | None = None, data_root: str | None = None) -> dict:
     """``qready export``: a float checkpoint is PTQ-quantized at ``bits`` (per-channel min-max) first; a
     run's ``compressed/`` checkpoint is exported as it is."""
     from .quant.ptq import ptq
@@ -292,7 +298,9 @@ def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = Non
     prepared = prepare_from_checkpoint(ckpt, data_root=data_root, strict="row" not in meta)
     bits = bits if bits is not None else (8 if fmt == "onnx" else 4)
     check_bits(bits, "--bits", WEIGHT_BITS)
-    model = prepared.model if "row" in meta else ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
+    act = None if a_bits is None else QuantSpec(bits=a_bits, symmetric=False, granularity="tensor")
+    model = prepared.model if "row" in meta else ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"),
+                                                     calib=prepared.train_loader if act else None, act_spec=act)
     suffix = ".onnx" if fmt == "onnx" else ".qready"
     name = f"{ckpt.name}{suffix}" if "row" in meta else f"model_w{bits}{suffix}"
     return export_model(model, prepared, ckpt.parent, fmt=fmt, target=out or ckpt.parent / name, w_bits=bits)

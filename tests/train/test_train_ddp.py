@@ -21,15 +21,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from qready.data import load_dataset, make_loaders
 from qready.models import create_model
 from qready.regularizers import build, list_regularizers
-from qready.train import StopTraining, TrainConfig, fit, load_checkpoint
+from qready.train import StandardStep, StepContext, StopTraining, TrainConfig, fit, load_checkpoint
 from qready.train import distributed as qdist
 
 WORLD = 2
 SEED = 0
 BATCH = 64  # the global batch: 32 per process
-CFG = TrainConfig(epochs=2, batch_size=BATCH, optimizer="adam", lr=0.01, schedule="cosine", grad_clip=1.0)
+CFG = TrainConfig(epochs=3, batch_size=BATCH, optimizer="adam", lr=0.01, schedule="cosine", grad_clip=1.0)
 REG_OPTIONS = {"grad_l1": {"act_weight": 0.05}, "cluster": {"bits": 2}}
-SCENARIOS = ["plain", "loss_scale", "nan_on_one_rank", *list_regularizers()]
+SCENARIOS = ["plain", "loss_scale", "no_sync", "nan_on_one_rank", *list_regularizers()]
 
 
 class LossScale(nn.Module):
@@ -59,37 +59,51 @@ class NaNOnRankOne:
         return torch.tensor(float("nan") if bad else 0.0)
 
 
+class LocalPassFirst(StandardStep):
+    """A throw-away forward/backward under ``ctx.no_sync()`` (gradients recorded, then dropped), then the
+    standard synchronised step: the result must equal the standard step's."""
+
+    def __init__(self) -> None:
+        self.local: list[float] = []
+
+    def step(self, ctx: StepContext) -> torch.Tensor:
+        with ctx.no_sync():
+            total, _ = ctx.compute_loss()
+            total.backward()
+        self.local.append(float(ctx.model.net[1].weight.grad.abs().sum()))
+        return super().step(ctx)
+
+
 def _splits():
-    return load_dataset("digits", seed=SEED)
+    # 512 train samples: 8 steps of 64 per epoch (synthetic: no scikit-learn import in the workers)
+    return load_dataset("synthetic", seed=SEED, num_samples=640, num_classes=4, noise=1.0)
 
 
 def _model() -> nn.Module:
     torch.manual_seed(SEED)
-    return create_model("mlp", in_features=64, hidden=(32,), num_classes=10)  # no BatchNorm
+    return create_model("mlp", in_features=64, hidden=(32,), num_classes=4)  # no BatchNorm
 
 
 def _terms(name: str, model: nn.Module) -> list:
     if name == "plain":
         return []
-    if name == "loss_scale":
+    if name in ("loss_scale", "no_sync"):
         return [LossScale()]
     if name == "nan_on_one_rank":
         return [NaNOnRankOne()]
     return [build(name, model, weight=0.05, **REG_OPTIONS.get(name, {}))]
 
 
-def _snapshot(model: nn.Module, terms: list, history: list) -> dict:
-    states = [t.state_dict() for t in terms if isinstance(t, nn.Module)]
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-            "terms": [{k: v.clone() for k, v in s.items()} for s in states],
-            "history": json.dumps(history)}
-
-
 def _train(name: str, loader, **kwargs) -> dict:
     model = _model()
     terms = _terms(name, model)
-    result = fit(model, loader, CFG, loss_terms=terms, seed=SEED, progress=False, **kwargs)
-    return _snapshot(result.model, terms, result.history)
+    strategy = LocalPassFirst() if name == "no_sync" else None
+    result = fit(model, loader, CFG, loss_terms=terms, step_strategy=strategy, seed=SEED, progress=False, **kwargs)
+    states = [t.state_dict() for t in terms if isinstance(t, nn.Module)]
+    return {"model": {k: v.clone() for k, v in result.model.state_dict().items()},
+            "terms": [{k: v.clone() for k, v in s.items()} for s in states],
+            "history": json.dumps(result.history),
+            "local_grads": torch.tensor(strategy.local if strategy else [])}
 
 
 def _stop_after_first_epoch(epoch: int, metrics: dict, model: nn.Module) -> None:
@@ -105,6 +119,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         loader, _ = make_loaders(_splits(), BATCH, seed=SEED)
         assert isinstance(loader.sampler, DistributedSampler) and loader.batch_size == BATCH // WORLD
+        with pytest.raises(ValueError, match="divisible by the number of processes"):
+            make_loaders(_splits(), BATCH - 1, seed=SEED)
         results = {name: _train(name, loader) for name in SCENARIOS}
         run_dir = Path(out) / "run"
         _train("plain", loader, run_dir=run_dir, callbacks=[_stop_after_first_epoch])
@@ -185,7 +201,7 @@ def test_ddp_equals_single_process_global_batch(runs: dict, name: str) -> None:
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(runs: dict) -> None:
     history = json.loads(runs["ranks"][1]["nan_on_one_rank"]["history"])
-    assert [m["skipped_steps"] for m in history] == [1, 0]
+    assert [m["skipped_steps"] for m in history] == [1, 0, 0]
 
 
 def test_learnable_term_parameter_is_averaged(runs: dict) -> None:
@@ -200,8 +216,34 @@ def test_ddp_resume_matches_uninterrupted_and_rank0_writes(runs: dict) -> None:
         assert _max_diff(rank["resumed"]["model"], rank["plain"]["model"]) == 0.0
     run_dir = runs["out"] / "run"
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]  # written once, not once per rank
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]  # written once, not once per rank
     ck = load_checkpoint(run_dir / "checkpoint")
-    assert ck.epoch == 1 and len(ck.train_state["extra"]["rng_by_rank"]) == WORLD
+    assert ck.epoch == 2 and len(ck.train_state["extra"]["rng_by_rank"]) == WORLD
     assert not any(k.startswith("module.") for k in ck.state_dict)  # the unwrapped module is saved
     assert _max_diff(ck.state_dict, runs["ranks"][0]["plain"]["model"]) == 0.0
+
+
+def test_no_sync_keeps_gradients_local(runs: dict) -> None:
+    local = [r["no_sync"]["local_grads"] for r in runs["ranks"]]
+    assert local[0].numel() == 3 * 8 and not torch.equal(local[0], local[1])  # each rank's own batch
+    assert _max_diff(runs["ranks"][0]["no_sync"]["model"], runs["ranks"][0]["loss_scale"]["model"]) == 0.0
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert qdist.init_distributed() is None and not qdist.is_distributed()
+    assert (qdist.rank(), qdist.world_size(), qdist.is_main_process()) == (0, 1, True)
+    model = _model()
+    assert qdist.maybe_wrap_ddp(model, torch.device("cpu")) is model and qdist.unwrap(model) is model
+    assert qdist.all_agree(False, torch.device("cpu")) is False
+    assert qdist.gather_objects({"a": 1}) == [{"a": 1}] and qdist.broadcast_object(3) == 3
+    loader, _ = make_loaders(_splits(), BATCH, seed=SEED)
+    assert not qdist.is_sharded(loader)
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        make_loaders(_splits(), BATCH, seed=SEED, distributed=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"backend must be one of \['gloo', 'nccl'\]"):
+        qdist.init_distributed("mpi")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+        qdist.init_distributed()

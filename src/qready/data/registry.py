@@ -113,9 +113,9 @@ def make_loaders(
     if not isinstance(distributed, bool):
         raise ValueError(f"option 'distributed' must be True, False or None; got {distributed!r}")
     if distributed:
-        world = _process_group_size()
-        if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        world = _process_group_size()
         if batch_size % world:
             raise ValueError(f"option 'batch_size' ({batch_size}, the global batch) must be divisible by the "
                              f"number of processes ({world})")

@@ -1,0 +1,396 @@
+"""ONNX export of a quantized model in QDQ form (QuantizeLinear/DequantizeLinear), checked in onnxruntime.
+
+:func:`export_onnx` takes a model whose weights already lie on their quantization grid (from
+:func:`qready.ptq`, a finalized QAT model or a palettized one) and writes an ONNX file that computes
+what the PyTorch model computes:
+
+* **Weights** of the selected layers (Conv/Linear/Embedding by default) are stored as integer codes
+  with a ``DequantizeLinear`` node: per-channel (axis 0) or per-tensor scales and zero points from
+  :func:`qready.quant.quantize` with ``spec`` (default: symmetric per-channel min-max at ``w_bits``).
+  Codes are INT8/UINT8, or packed INT4/UINT4 when the grid has at most 4 bits and ``opset >= 21``.
+  1-bit weights (``±scale``) are stored as codes ``±1`` with zero point 0.
+  A weight that is not on that grid but has at most 256 distinct values per output channel
+  (palettized, LSQ-finalized, or quantized with another spec) is stored exactly as uint8 indices and
+  a float look-up table (``Cast -> [Add group offset] -> Gather``) when that is smaller than the
+  float weight. Any other weight stays float (logged as a warning).
+  The encoding of every selected weight is recorded in the model's metadata (``qready.weights``).
+* **Activations** quantized by an :class:`~qready.quant.activations.ActivationQuantizer` (PTQ, or a
+  finalized LSQ/STE QAT model) become ``QuantizeLinear -> [Clip] -> DequantizeLinear`` with the
+  calibrated scale and zero point: an INT8/UINT8 code container (INT16 for 16-bit, opset >= 21), and
+  an integer ``Clip`` to ``[qmin, qmax]`` when the grid is narrower than the container.
+
+The graph comes from PyTorch's TorchScript-based exporter (``dynamo=False``: it works offline, without
+``onnxscript``) at opset ``min(opset, 20)`` in ``TrainingMode.PRESERVE`` (so BatchNorm is not folded
+into the quantized convolution weights), converted with ``onnx.version_converter`` when ``opset`` is
+higher, and then rewritten with the ``onnx`` API.
+
+Parity: ONNX ``QuantizeLinear`` divides by the scale while qready multiplies by its reciprocal, and the
+float convolutions of two runtimes differ in the last bits; an activation within an ulp of a rounding
+boundary can therefore land one grid step apart. Weight-only models agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quant.activations import ATTR, ActivationQuantizer
+from ..quant.codebook import channel_groups, find_palette
+from ..quant.grid import fake_quantize_rows
+from ..quant.select import Selector, as_selector
+from ..quant.spec import WEIGHT_BITS, QuantSpec, check_bits
+from .packed import exact_uniform
+
+log = logging.getLogger("qready.export")
+
+DEFAULT_OPSET = 21
+MIN_OPSET = 13  # per-axis DequantizeLinear
+TORCH_EXPORTER_MAX_OPSET = 20  # the TorchScript-based exporter of torch 2.x
+INT4_OPSET = 21  # INT4/UINT4 and INT16/UINT16 in QuantizeLinear/DequantizeLinear
+METADATA_KEY = "qready.weights"
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError("ONNX export needs the onnx package: pip install 'qready[export]'") from e
+    return onnx
+
+
+@dataclass(frozen=True)
+class _Container:
+    """The ONNX integer type holding codes in ``[lo, hi]``."""
+
+    name: str  # ONNX TensorProto type name
+    numpy: Any
+    lo: int
+    hi: int
+
+
+def _containers(opset: int) -> list[_Container]:
+    import ml_dtypes  # installed with onnx >= 1.16
+
+    small = [_Container("INT4", ml_dtypes.int4, -8, 7), _Container("UINT4", ml_dtypes.uint4, 0, 15)]
+    wide = [_Container("INT16", np.int16, -(2**15), 2**15 - 1), _Container("UINT16", np.uint16, 0, 2**16 - 1)]
+    eight = [_Container("INT8", np.int8, -128, 127), _Container("UINT8", np.uint8, 0, 255)]
+    return [*(small if opset >= INT4_OPSET else []), *eight, *(wide if opset >= INT4_OPSET else [])]
+
+
+def _container(qmin: int, qmax: int, opset: int, what: str, *, allow_small: bool = True) -> _Container:
+    for c in _containers(opset):
+        if c.lo <= qmin and qmax <= c.hi and (allow_small or c.name not in ("INT4", "UINT4")):
+            return c
+    raise ValueError(f"{what}: codes in [{qmin}, {qmax}] need a 16-bit QuantizeLinear/DequantizeLinear, which "
+                     f"needs opset >= {INT4_OPSET}; got opset={opset}")
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+@dataclass
+class _WeightEncoding:
+    """How one weight is stored: ``kind`` is ``"qdq"`` (codes + DequantizeLinear) or ``"lut"``."""
+
+    key: str
+    value: np.ndarray  # the float weight, to find its initializer by value when names differ
+    kind: str
+    label: str
+    arrays: dict[str, np.ndarray]
+    axis: int | None = None
+
+
+def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int) -> _WeightEncoding | None:
+    found = exact_uniform(w, spec)
+    if found is None:
+        return None
+    codes, params = found
+    codes = codes.to(torch.int32)
+    zero_point = params.zero_point.to(torch.int32)
+    qmin, qmax = params.qmin, params.qmax
+    if params.extra.get("binary"):  # values (2c - 1)·scale: codes ±1, zero point 0
+        codes, zero_point, qmin, qmax = 2 * codes - 1, torch.zeros_like(zero_point), -1, 1
+    c = _container(qmin, qmax, opset, f"weight {key!r}")
+    per_tensor = params.granularity == "tensor"
+    scale = params.scale.float().numpy()
+    zp = zero_point.numpy()
+    return _WeightEncoding(
+        key=key, value=w.numpy(), kind="qdq", label=f"{c.name.lower()} (W{params.bits})",
+        arrays={"quantized": codes.numpy().astype(c.numpy),
+                "scale": scale.reshape(()) if per_tensor else scale,
+                "zero_point": (zp.reshape(()) if per_tensor else zp).astype(c.numpy)},
+        axis=None if per_tensor else 0,
+    )
+
+
+def _lut_weight(key: str, w: torch.Tensor) -> _WeightEncoding | None:
+    """uint8 indices into a flat LUT ``[G·K]``; channel ``c`` reads from ``offsets[c] = group(c)·K``."""
+    if w.dim() < 2:
+        return None
+    palette = find_palette(w, max_bits=8)
+    if palette is None:
+        return None
+    groups, k = palette.lut.shape
+    offsets = torch.zeros(0, dtype=torch.int64)
+    if groups > 1:
+        channel_group = channel_groups(tuple(w.shape), palette.group_size).reshape(w.shape[0], -1)[:, 0]
+        offsets = (channel_group * k).reshape(-1, *([1] * (w.dim() - 1)))
+    if palette.lut.numel() * 4 + w.numel() + offsets.numel() * 8 >= w.numel() * 4:
+        return None  # few elements per channel: LUT + indices would be larger than the float weight
+    return _WeightEncoding(
+        key=key, value=w.numpy(), kind="lut", label=f"lut{palette.bits} (uint8 indices)",
+        arrays={"indices": palette.indices.numpy(), "lut": palette.lut.float().reshape(-1).numpy(),
+                "offsets": offsets.numpy()},
+    )
+
+
+def _encode_weights(model: nn.Module, spec: QuantSpec, selector: Selector, opset: int
+                    ) -> tuple[list[_WeightEncoding], dict[str, str]]:
+    encodings: list[_WeightEncoding] = []
+    labels: dict[str, str] = {}
+    seen: set[int] = set()  # tied weights are one initializer: encode them once
+    for item in selector.select(model):
+        if parametrize.is_parametrized(item.module, "weight"):
+            raise ValueError(f"the weight of {item.name!r} is parametrized (a QAT or palettization wrapper): "
+                             "finalize the model first (qready.finalize / finalize_palettized)")
+        if id(item.module.weight) in seen:
+            continue
+        seen.add(id(item.module.weight))
+        key = f"{item.name}.weight" if item.name else "weight"
+        w = item.module.weight.detach().float().cpu()
+        layer_spec = spec if item.bits_override is None else spec.with_bits(item.bits_override)
+        enc = _qdq_weight(key, w, layer_spec, opset) or _lut_weight(key, w)
+        if enc is None:
+            log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
+                        item.name, layer_spec.bits)
+            labels[key] = "float"
+            continue
+        encodings.append(enc)
+        labels[key] = enc.label
+    return encodings, labels
+
+
+# -------------------------------------------------------------------------------- activations
+
+
+class _QDQ(torch.autograd.Function):
+    """Per-tensor fake quantization ``[qmin, qmax]`` of ``x``; exported as QuantizeLinear -> [Clip] ->
+    DequantizeLinear with the code container ``container`` (an ONNX type name)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,  # type: ignore[override]
+                container: str) -> torch.Tensor:
+        s = torch.tensor([[scale]], dtype=x.dtype, device=x.device)
+        z = torch.tensor([[float(zero_point)]], dtype=x.dtype, device=x.device)
+        return fake_quantize_rows(x.reshape(1, -1), s, z, qmin, qmax, binary=False).reshape(x.shape)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: float, zero_point: int, qmin: int, qmax: int, container: str) -> Any:
+        dtype = _TORCH_CONTAINERS[container]
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
+        q = g.op("QuantizeLinear", x, s, z)
+        lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+        if (qmin, qmax) != (lo, hi):
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
+        return g.op("DequantizeLinear", q, s, z)
+
+
+_TORCH_CONTAINERS = {"INT8": torch.int8, "UINT8": torch.uint8, "INT16": torch.int16, "UINT16": torch.uint16}
+
+
+class _ExportQuantizer(nn.Module):
+    """Stands in for a calibrated :class:`ActivationQuantizer` during export (same outputs, exportable)."""
+
+    def __init__(self, quantizer: ActivationQuantizer, opset: int, where: str) -> None:
+        super().__init__()
+        spec = quantizer.spec
+        self.args = (float(quantizer.scale.reshape(())), int(quantizer.zero_point.reshape(())), spec.qmin, spec.qmax,
+                     _container(spec.qmin, spec.qmax, opset, f"the input quantizer of {where!r}",
+                                allow_small=False).name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QDQ.apply(x, *self.args) if x.is_floating_point() else x
+
+
+def _swap_activation_quantizers(model: nn.Module, opset: int) -> int:
+    count = 0
+    for name, module in model.named_modules():
+        quantizer = getattr(module, ATTR, None)
+        if isinstance(quantizer, ActivationQuantizer):
+            if quantizer.observing:
+                raise ValueError(f"the input quantizer of {name!r} is still calibrating: run calibration "
+                                 "batches and finish_calibration() first (qready.ptq does)")
+            setattr(module, ATTR, _ExportQuantizer(quantizer, opset, name))
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------- graph rewrite
+
+
+def _find_initializer(graph: Any, enc: _WeightEncoding, numpy_helper: Any) -> tuple[Any, bool]:
+    """The initializer holding ``enc``'s weight and whether it is stored transposed (2-D MatMul)."""
+    by_name = {init.name: init for init in graph.initializer}
+    if enc.key in by_name:
+        return by_name[enc.key], False
+    for init in graph.initializer:
+        if tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value):
+            return init, False
+        if enc.value.ndim == 2 and tuple(init.dims) == enc.value.shape[::-1] and np.array_equal(
+                numpy_helper.to_array(init), enc.value.T):
+            return init, True
+    raise ValueError(f"export_onnx: cannot find the initializer of {enc.key!r} in the exported graph")
+
+
+def _rewrite_weight(graph: Any, enc: _WeightEncoding, onnx: Any) -> list[Any]:
+    """Replace the weight's initializer by its encoding; returns the nodes that recompute it."""
+    from onnx import helper, numpy_helper
+
+    init, transposed = _find_initializer(graph, enc, numpy_helper)
+    name = init.name
+    graph.initializer.remove(init)
+    arrays = dict(enc.arrays)
+    if enc.kind == "qdq":
+        axis = enc.axis
+        if transposed:
+            arrays["quantized"] = np.ascontiguousarray(arrays["quantized"].T)
+            axis = None if axis is None else 1
+        for part in ("quantized", "scale", "zero_point"):
+            graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
+        attrs = {} if axis is None else {"axis": axis}
+        return [helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                                 [name], name=f"{name}_DequantizeLinear", **attrs)]
+    if transposed:
+        arrays["indices"] = np.ascontiguousarray(arrays["indices"].T)
+        arrays["offsets"] = arrays["offsets"].reshape(1, -1)
+    parts = ("indices", "lut", "offsets") if arrays["offsets"].size else ("indices", "lut")
+    for part in parts:
+        graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
+    index = f"{name}_indices_int64"
+    nodes = [helper.make_node("Cast", [f"{name}_indices"], [index], to=onnx.TensorProto.INT64, name=f"{name}_Cast")]
+    if "offsets" in parts:
+        nodes.append(helper.make_node("Add", [index, f"{name}_offsets"], [f"{index}_flat"], name=f"{name}_Add"))
+        index = f"{index}_flat"
+    nodes.append(helper.make_node("Gather", [f"{name}_lut", index], [name], axis=0, name=f"{name}_Gather"))
+    return nodes
+
+
+def _torch_export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model, (example_input,), buffer, dynamo=False, opset_version=min(opset, TORCH_EXPORTER_MAX_OPSET),
+            training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+def _check_opset(opset: int | None, onnx: Any) -> int:
+    highest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        return min(DEFAULT_OPSET, highest)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= highest:
+        raise ValueError(f"opset must be None or an int in [{MIN_OPSET}, {highest}]; got {opset!r}")
+    return opset
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    w_bits: int = 8,
+    opset: int | None = None,
+    spec: QuantSpec | None = None,
+    select: Selector | dict | None = None,
+) -> Path:
+    """Write ``model`` as an ONNX QDQ file at ``path`` and return the path (see the module docstring).
+
+    Args:
+        model: a quantized float32 model (weights on their grid, activation quantizers calibrated);
+            it is not modified (a copy is exported in eval mode, on the CPU).
+        example_input: one input batch ``[B, ...]`` (the batch dimension is exported as dynamic).
+        w_bits: bit width of the weights' grid (used when ``spec`` is None).
+        opset: ONNX opset (default 21, or the installed onnx's highest if lower); >= 13. INT4/UINT4
+            weight codes need >= 21; with less, 4-bit codes are stored in INT8/UINT8.
+        spec: the weights' quantizer (granularity ``"tensor"`` or ``"channel"``, axis 0); default
+            ``QuantSpec(bits=w_bits, granularity="channel")``. A layer's ``Selector`` bit override
+            applies as in :func:`qready.ptq`.
+        select: which layers' weights are encoded (a :class:`~qready.quant.Selector` or its kwargs).
+    Raises:
+        ImportError: onnx is not installed (``pip install 'qready[export]'``).
+        ValueError: invalid arguments, a weight still parametrized by QAT, an uncalibrated activation
+            quantizer, or 16-bit activations below opset 21.
+    """
+    onnx = _onnx()
+    check_bits(w_bits, "w_bits", WEIGHT_BITS)
+    if spec is None:
+        spec = QuantSpec(bits=w_bits, granularity="channel")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec or None; got {type(spec).__name__}")
+    if spec.granularity not in ("tensor", "channel") or spec.axis != 0:
+        raise ValueError("export_onnx supports weight granularity 'tensor' or 'channel' (axis 0); got "
+                         f"granularity={spec.granularity!r}, axis={spec.axis}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor; got {type(example_input).__name__}")
+    opset = _check_opset(opset, onnx)
+    selector = as_selector(select)
+
+    work = copy.deepcopy(model).cpu().float().eval()
+    encodings, labels = _encode_weights(work, spec, selector, opset)
+    n_act = _swap_activation_quantizers(work, opset)
+    proto = onnx.load_from_string(_torch_export(work, example_input.detach().cpu(), opset))
+    if opset > TORCH_EXPORTER_MAX_OPSET:
+        from onnx import version_converter
+
+        proto = version_converter.convert_version(proto, opset)
+    nodes = [node for enc in encodings for node in _rewrite_weight(proto.graph, enc, onnx)]
+    for node in reversed(nodes):  # before every consumer: they only read initializers
+        proto.graph.node.insert(0, node)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(labels)
+    onnx.checker.check_model(proto)
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("exported %s: %d quantized weights, %d activation quantizers, opset %d",
+             target, len(encodings), n_act, opset)
+    return target
+
+
+def weight_encodings(path: str | os.PathLike) -> dict[str, str]:
+    """How :func:`export_onnx` stored each selected weight of the file at ``path`` (``{key: label}``)."""
+    onnx = _onnx()
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return json.loads(entry.value)
+    raise ValueError(f"{path} has no {METADATA_KEY!r} metadata; it was not written by export_onnx")
+
+
+__all__ = ["export_onnx", "weight_encodings"]

@@ -114,7 +114,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_compress_and_export_stages(tmp_path):
     recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
     recipe["export"] = {"format": "packed"}
-    recipe["grid"] = {"compress": [{"method": "lsq", "w_bits": 4, "a_bits": 8, "epochs": 1},
+    recipe["grid"] = {"compress": [{"method": "lsq", "w_bits": 4, "a_bits": 8, "epochs": 1,
+                                    "sharpness": {"kind": "saq", "rho": 0.2}},
                                    {"method": "kmeans", "w_bits": 2}]}
     root = run_recipe(recipe, tmp_path / "run", progress=False)
     summaries = {s["id"]: s for s in json.loads((root / "experiments.json").read_text())}

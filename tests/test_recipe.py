@@ -30,6 +30,11 @@ def test_defaults_and_roundtrip(tmp_path):
         ({"data": {"name": "imagenet21k"}}, ["data.name", "digits", "mnist1d"]),
         ({"regularizers": [{"name": "nope"}]}, ["regularizers[0].name", "nope"]),
         ({"seed": 1.5}, ["'seed'", "integer"]),
+        ({"compress": {"method": "lsq", "w_bits": 0}}, ["compress.w_bits", "1, 2"]),
+        ({"compress": {"method": "kmeans", "a_bits": 4}}, ["compress.a_bits", "kmeans"]),
+        ({"compress": {"method": "dkm", "sharpness": {"kind": "saq"}}}, ["compress.sharpness", "lsq"]),
+        ({"compress": {"method": "lsq", "sharpness": {"kind": "sam", "rh0": 1}}}, ["compress.sharpness", "rh0"]),
+        ({"export": {"format": "tflite"}}, ["export.format", "packed", "onnx"]),
         ([1, 2], ["mapping"]),
     ],
 )

@@ -103,6 +103,16 @@ class RegularizerConfig:
             raise RecipeError(f"regularizers[].weight must be >= 0; got {self.weight}")
 
 
+def _check_sharpness(config: dict[str, Any], key: str) -> None:
+    """Validate a ``sharpness`` block by building its step strategy (cheap, no model needed)."""
+    from .sharpness.build import build_step
+
+    try:
+        build_step(config)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{key}: {err}") from None
+
+
 COMPRESS_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs", "dkm", "cluster", "kmeans")
 QAT_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
 EXPORT_FORMATS: tuple[str, ...] = ("none", "packed", "onnx")
@@ -123,10 +133,15 @@ class CompressConfig:
     quantizer_lr: float | None = None
     first_last: int | str = "same"
     options: dict[str, Any] = field(default_factory=dict)
+    sharpness: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESS_METHODS:
             raise RecipeError(f"compress.method must be one of {list(COMPRESS_METHODS)}; got {self.method!r}")
+        if self.sharpness is not None:
+            if self.method not in QAT_METHODS:
+                raise RecipeError(f"compress.sharpness needs a QAT method {list(QAT_METHODS)}; got {self.method!r}")
+            _check_sharpness(self.sharpness, "compress.sharpness")
         if self.w_bits not in WEIGHT_BITS:
             raise RecipeError(f"compress.w_bits must be one of {list(WEIGHT_BITS)}; got {self.w_bits!r}")
         if self.method in ("dkm", "cluster", "kmeans") and self.a_bits is not None:
@@ -170,10 +185,15 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizers: tuple[RegularizerConfig, ...] = ()
+    sharpness: dict[str, Any] | None = None
     compress: CompressConfig | None = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     grid: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sharpness is not None:
+            _check_sharpness(self.sharpness, "sharpness")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), ready for YAML/JSON."""

@@ -83,9 +83,12 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
     prepared = prepare(recipe)
+    from .sharpness.build import build_step
+
     terms = build_regularizers(recipe, prepared.model)
     result = fit(
         prepared.model, prepared.train_loader, recipe.train, val_loader=prepared.test_loader, loss_terms=terms,
+        step_strategy=build_step(recipe.sharpness),
         run_dir=run_dir, resume=resume, seed=recipe.seed, meta=checkpoint_meta(recipe, prepared), progress=progress,
         device=device,
     )
@@ -178,8 +181,11 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
     if c.method in QAT_METHODS:
         model = prepare_qat(model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
                             calib=prepared.train_loader, inplace=True, **options)
+        from .sharpness.build import build_step
+
         groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)
-        fit(model, prepared.train_loader, train_cfg, param_groups=groups, **fit_kwargs)
+        fit(model, prepared.train_loader, train_cfg, param_groups=groups, step_strategy=build_step(c.sharpness),
+            **fit_kwargs)
         return finalize(model)
     select = Selector(first_last=c.first_last) if c.first_last != "same" else None
     if c.method == "kmeans":

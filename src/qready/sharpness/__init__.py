@@ -4,14 +4,16 @@
   for :func:`qready.train.fit`.
 * :class:`SAQ` -- the sharpness-aware step of a quantized model (perturbs ``Q(w)``); :class:`SAQStep`
   for :func:`qready.train.fit`.
-* :class:`RhoSchedule` -- ρ = 0 during a warm-up, then ρ.
+* :class:`RhoSchedule` -- ρ = 0 during a warm-up, then ρ; :func:`build_step` -- a step strategy
+  from a recipe block such as ``{kind: saq, rho: 0.3}``.
 * :func:`bops` -- bit operations per layer and in total.
 * :func:`search_mixed_precision`, :func:`prepare_mixed` -- per-layer bit widths under a BOPs budget,
   then QAT (and SAQ) of the mixed-precision model.
 """
 
 from .ascent import RhoSchedule, ascent_direction
-from .bops import BopsReport, LayerBops, bops, layer_macs
+from .bops import BopsReport, LayerBops, bops, bops_from_macs, layer_macs
+from .build import build_step
 from .mixed import MixedPrecisionResult, prepare_mixed, search_mixed_precision
 from .perturbation import Perturbation
 from .sam import ASAM, SAM, SAMStep
@@ -32,6 +34,8 @@ __all__ = [
     "TwoPass",
     "ascent_direction",
     "bops",
+    "bops_from_macs",
+    "build_step",
     "layer_macs",
     "prepare_mixed",
     "search_mixed_precision",

@@ -16,8 +16,9 @@ objective more cheaply (the documented equivalent):
 2. **Sensitivities.** ``Δ_l(b) = L_SA(all layers at max bits, layer l at b) − L_SA(all at max)``
    on the same batches: one evaluation per (layer, lower bit width).
 3. **Allocation.** With the additive model ``L_SA(c) ≈ L_SA(max) + Σ_l Δ_l(c_l)`` an exact dynamic
-   programme over the budget (BOPs rounded *up* to ``T_free/resolution`` units, so every solution is
-   within budget) gives the best configuration for every BOPs level; ``J`` is then evaluated for each.
+   programme over the budget (integer BOPs divided by their gcd; rounded *up* to ``T/resolution``
+   units when that is too fine, so no solution exceeds the budget) gives the best configuration for
+   every BOPs level; ``J`` is then evaluated for each.
 4. **Flattest within budget.** The ``candidates`` best configurations by the additive ``J`` (plus every
    uniform configuration that fits) are measured with the real ``L_SA``; the lowest measured ``J``
    wins.
@@ -30,6 +31,7 @@ Then :func:`prepare_mixed` attaches QAT quantizers per bit group (``prepare_qat`
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +106,8 @@ class _Views:
         self.views: dict[int, dict[str, nn.Module]] = {}
         for b in bits:
             act = _act_bits(a_bits, b)
-            act_spec = QuantSpec(bits=act, symmetric=False, range=a_range) if act is not None else None
+            act_spec = (QuantSpec(bits=act, symmetric=False, granularity="tensor", range=a_range)
+                        if act is not None else None)
             view = ptq(model, QuantSpec(bits=b, granularity=granularity, range=w_range), calib, act_spec=act_spec,
                        select=selector, calib_batches=len(calib))
             self.views[b] = dict(view.named_modules())
@@ -117,7 +120,7 @@ class _Views:
 
     @torch.no_grad()
     def assemble(self, config: Mapping[str, int]) -> None:
-        """Give every layer of ``config`` its weight and input quantizer from the view at its bits."""
+        """Give each layer of ``config`` its weight and input quantizer from the view at its bits."""
         for name, b in config.items():
             source, layer = self.views[b][name], self.layers[name]
             layer.weight.copy_(source.weight)
@@ -150,26 +153,35 @@ def sharpness_loss(model: nn.Module, weights: Sequence[Tensor], batches: Sequenc
     return total / len(batches)
 
 
-def _allocate(costs: np.ndarray, deltas: np.ndarray, budget: float, resolution: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact DP over ``resolution`` budget units: ``best[u]`` = min Σ Δ over configs of exactly ``u``
-    units (costs rounded up). Returns ``(best, choice table [L, U+1], unit)``."""
-    unit = budget / resolution
-    units = np.ceil(costs / unit - 1e-9).astype(np.int64)
-    best = np.full(resolution + 1, np.inf)
+def _units(costs: np.ndarray, budget: int, max_units: int) -> tuple[np.ndarray, int, float]:
+    """Integer DP costs: exact (BOPs divided by their gcd) when the budget then spans at most
+    ``max_units`` units, else rounded *up* to ``budget / max_units`` units (every DP solution then
+    stays within budget). Returns ``(units [L, K], budget in units, BOPs per unit)``."""
+    g = int(np.gcd.reduce(costs.reshape(-1)))
+    if budget // g <= max_units:
+        return costs // g, budget // g, float(g)
+    unit = budget / max_units
+    return np.ceil(costs / unit - 1e-9).astype(np.int64), max_units, unit
+
+
+def _allocate(units: np.ndarray, deltas: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact DP: ``best[u]`` = min Σ Δ over configurations costing exactly ``u`` units (inf when none);
+    ``choices[l, u]`` = the choice of layer ``l`` in that configuration (for :func:`_backtrack`)."""
+    best = np.full(budget + 1, np.inf)
     best[0] = 0.0
-    choices = np.zeros((costs.shape[0], resolution + 1), dtype=np.int64)
-    for layer in range(costs.shape[0]):
-        new = np.full(resolution + 1, np.inf)
+    choices = np.zeros((units.shape[0], budget + 1), dtype=np.int8)
+    for layer in range(units.shape[0]):
+        new = np.full(budget + 1, np.inf)
         for j, c in enumerate(units[layer]):
-            if c > resolution:
+            if c > budget:
                 continue
-            cand = np.full(resolution + 1, np.inf)
-            cand[c:] = best[: resolution + 1 - c] + deltas[layer, j]
+            cand = np.full(budget + 1, np.inf)
+            cand[c:] = best[: budget + 1 - c] + deltas[layer, j]
             better = cand < new
             new[better] = cand[better]
             choices[layer, better] = j
         best = new
-    return best, choices, unit
+    return best, choices
 
 
 def _backtrack(choices: np.ndarray, costs_units: np.ndarray, u: int) -> list[int]:
@@ -198,7 +210,7 @@ def search_mixed_precision(
     w_range: str = "mse",
     a_range: str = "minmax",
     granularity: str = "channel",
-    resolution: int = 2000,
+    resolution: int = 200_000,
 ) -> MixedPrecisionResult:
     """Per-layer bit widths from ``bits`` with ``BOPs <= target_bops`` minimising the sharpness-aware
     loss plus ``lam · ((BOPs − T)/T)²`` (see the module docstring for the method).
@@ -219,7 +231,8 @@ def search_mixed_precision(
         batches: number of batches used for calibration and every loss measurement.
         candidates: how many DP solutions are measured for the final choice.
         w_range, a_range, granularity: the PTQ quantizers of the views (see :class:`~qready.QuantSpec`).
-        resolution: budget units of the DP (BOPs are rounded up, so the result never exceeds ``T``).
+        resolution: at most this many budget units in the DP: BOPs are exact integers (divided by
+            their gcd) when that fits, else rounded up to ``T/resolution`` (never exceeding ``T``).
     Returns:
         a :class:`MixedPrecisionResult` whose ``config`` satisfies ``bops <= target_bops``.
     """
@@ -271,7 +284,7 @@ def search_mixed_precision(
     top = bits[-1]
 
     def measure(config: Mapping[str, int]) -> float:
-        views.assemble(config)
+        views.assemble({n: config[n] for n in free})  # pinned layers are the same in every view
         return sharpness_loss(views.work, weights, data, rho, adaptive)
 
     def full(assign: Mapping[str, int]) -> dict[str, int]:
@@ -285,10 +298,10 @@ def search_mixed_precision(
                        for b in bits} for n in free}
 
     costs = np.array([[bops_from_macs(macs, {n: b}, {n: _act_bits(a_bits, b) or 32}).total for b in bits]
-                      for n in free], dtype=np.float64)
+                      for n in free], dtype=np.int64)
     deltas = np.array([[sensitivity[n][b] for b in bits] for n in free])
-    best, choices, unit = _allocate(costs, deltas, free_budget, resolution)
-    units = np.ceil(costs / unit - 1e-9).astype(np.int64)
+    units, budget_units, unit = _units(costs, int(math.floor(free_budget)), resolution)
+    best, choices = _allocate(units, deltas, budget_units)
     feasible = np.flatnonzero(np.isfinite(best))
     approx = best[feasible] + np.array([penalty(fixed_bops + u * unit) for u in feasible])
     proposals: list[tuple[str, dict[str, int]]] = []
@@ -309,9 +322,8 @@ def search_mixed_precision(
         loss = measure(config)
         measured.append({"config": config, "bops": total, "loss": loss, "objective": loss + penalty(total),
                          "source": source})
-    best_row = min(measured, key=lambda r: r["objective"])
-    if best_row["bops"] > target_bops:  # the DP rounds costs up; this cannot happen
-        raise RuntimeError(f"internal error: chosen configuration has {best_row['bops']} BOPs > {target_bops}")
+    best_row = min(measured, key=lambda r: r["objective"])  # the uniform bits[0] proposal always fits
+    assert best_row["bops"] <= target_bops, (best_row["bops"], target_bops)
     return MixedPrecisionResult(config=dict(best_row["config"]), bops=int(best_row["bops"]), target=float(target_bops),
                                 loss=best_row["loss"], objective=best_row["objective"], sensitivity=sensitivity,
                                 candidates=measured)

@@ -179,8 +179,15 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
                       meta=checkpoint_meta(recipe, prepared), progress=progress)
     options = dict(c.options)
     if c.method in QAT_METHODS:
+        delta_update = options.pop("delta_update", None)  # EWGS: re-estimate δ from the Hessian trace
         model = prepare_qat(model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
                             calib=prepared.train_loader, inplace=True, **options)
+        if delta_update is not None:
+            from .quant.hessian import EWGSDeltaUpdater
+
+            updater = EWGSDeltaUpdater(prepared.train_loader, **(delta_update or {}))
+            updater.update(model)
+            fit_kwargs["callbacks"] = [updater]
         from .sharpness.build import build_step
 
         groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)

@@ -95,11 +95,8 @@ def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
 
 def attach_input_quantizer(module: nn.Module, spec: QuantSpec, seed: int = 0) -> ActivationQuantizer:
     """Give ``module`` an :class:`ActivationQuantizer` on its first input (a forward pre-hook)."""
-    if hasattr(module, ATTR):
-        raise ValueError(f"{type(module).__name__} already has an input quantizer")
     quantizer = ActivationQuantizer(spec, seed=seed)
-    module.add_module(ATTR, quantizer)
-    module.register_forward_pre_hook(_quantize_input_hook)
+    attach_input_module(module, quantizer)
     return quantizer
 
 

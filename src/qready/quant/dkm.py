@@ -75,9 +75,13 @@ def update(num: torch.Tensor, den: torch.Tensor, prev: torch.Tensor) -> torch.Te
     return torch.where(den > MASS_EPS, num / den.clamp_min(MASS_EPS), prev)
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+
+
 def _check_inputs(w: torch.Tensor, centroids: torch.Tensor, tau: torch.Tensor, iters: int) -> None:
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1; got {iters!r}")
+    _check_positive_int("iters", iters)
     if centroids.dim() != 2 or tau.shape != (centroids.shape[0],):
         raise ValueError(f"centroids must be [G, K] and tau [G]; got {tuple(centroids.shape)} and {tuple(tau.shape)}")
 
@@ -213,8 +217,7 @@ def dkm_unique(w: torch.Tensor, centroids: torch.Tensor, tau: torch.Tensor, iter
         exact_limit: layers with at most this many elements are bucketed by exact value.
     """
     _check_inputs(w, centroids, tau, iters)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int; got {chunk!r}")
+    _check_positive_int("chunk", chunk)
     flat = w.reshape(-1)
     u, inverse, counts, ugroups = unique_values(flat.detach(), groups, exact=flat.numel() <= exact_limit)
     c0 = centroids.detach().to(w.dtype).clone()
@@ -253,8 +256,8 @@ class DKMWeight(nn.Module):
             raise ValueError(f"impl must be one of {list(DKM_IMPLS)}; got {impl!r}")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
             raise ValueError(f"tau must be a number > 0; got {tau!r}")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters must be an int >= 1; got {iters!r}")
+        _check_positive_int("iters", iters)
+        _check_positive_int("chunk", chunk)
         self.bits, self.group_size, self.iters, self.impl, self.chunk = bits, group_size, iters, impl, chunk
         centroids = kmeans_lut(weight.float(), bits, group_size, kmeans_method)
         variance = torch.stack([p.float().var(unbiased=False) for p in group_parts(weight, group_size)])

@@ -29,7 +29,7 @@ import torch
 
 KMeansMethod = Literal["auto", "exact", "lloyd"]
 KMEANS_METHODS: tuple[str, ...] = ("auto", "exact", "lloyd")
-EXACT_BUDGET = 1 << 20
+EXACT_BUDGET = 1 << 18
 AUTO_LLOYD_ITERS = 10
 
 

@@ -34,7 +34,15 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from torch import nn
 
-from benchmarks.common import SETUPS, loaders, markdown_table, mean_std, new_model, save_results
+from benchmarks.common import (
+    SETUPS,
+    interleaved_medians,
+    loaders,
+    markdown_table,
+    mean_std,
+    new_model,
+    save_results,
+)
 from qready.evaluate import evaluate
 from qready.models import create_model
 from qready.quant import EWGSDeltaUpdater, finalize, prepare_qat, qat_param_groups
@@ -118,20 +126,6 @@ def quality(setups: Sequence[str], seeds: Sequence[int], base_epochs: dict, qat_
 # --------------------------------------------------------------------------- cost
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each step, timed round-robin after a warm-up."""
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = nn.CrossEntropyLoss()
@@ -153,7 +147,7 @@ def step_cost(repeats: int) -> dict:
     for method in METHODS:
         qmodel = prepare_qat(create_model("resnet20", num_classes=10), method=method, w_bits=4, a_bits=4, calib=[x])
         steps[f"{method} W4A4"] = _sgd_step(qmodel, x, y)
-    medians = _interleaved(steps, repeats)
+    medians = interleaved_medians(steps, repeats)
     return {name: {"median_s": m, "ratio": m / medians["float"]} for name, m in medians.items()}
 
 
@@ -196,7 +190,7 @@ def brevitas_cost(repeats: int) -> dict | str:
         "ours LSQ W4A4": prepare_qat(conv(), method="lsq", w_bits=4, a_bits=4, calib=[x]),
         "Brevitas W4A4 (learned scales)": brevitas("parameter_from_stats", act=True),
     }
-    medians = _interleaved({name: _fwd_bwd(layer, x) for name, layer in layers.items()}, repeats)
+    medians = interleaved_medians({name: _fwd_bwd(layer, x) for name, layer in layers.items()}, repeats)
     return {name: {"median_s": m, "ratio": m / medians["float Conv2d"]} for name, m in medians.items()}
 
 

@@ -270,7 +270,7 @@ def test_training_with_penalty_lowers_gradient_l1(seed, one_thread):
     plain, loader = _train_digits(seed, lambda m: [], epochs=3)
     reg_model, _ = _train_digits(seed, lambda m: [build("grad_l1", m, weight=0.01)], epochs=3)
     base, penalised = _held_weight_grad_l1(plain, loader), _held_weight_grad_l1(reg_model, loader)
-    assert penalised < 0.85 * base  # seeds 0-2: ratios 0.65-0.72
+    assert penalised < 0.85 * base  # seeds 0-2: ratios 0.59-0.72
 
 
 def test_zero_weight_reproduces_plain_training_bit_for_bit(one_thread):

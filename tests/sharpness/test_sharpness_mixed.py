@@ -121,3 +121,15 @@ def test_prepare_mixed_sets_per_layer_bits_and_saq_fine_tunes() -> None:
     assert result.history[-1]["sharpness"] > 0 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     with pytest.raises(ValueError, match="does not have"):
         prepare_mixed(model, {"9": 2})
+
+
+def test_prepare_mixed_with_a_uniform_config_equals_prepare_qat() -> None:
+    from qready.quant import prepare_qat
+
+    model, loader = trained_mlp(3)
+    uniform = prepare_qat(model, method="lsq", w_bits=3, a_bits=3, first_last=8, calib=loader)
+    mixed = prepare_mixed(model, {"0": 8, "2": 3, "4": 3, "6": 8}, method="lsq", calib=loader)
+    a, b = uniform.state_dict(), mixed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = next(iter(loader))[0]
+    assert torch.equal(uniform(x), mixed(x))

@@ -1,6 +1,9 @@
-"""Export: bit-packed model files (codes + LUTs/scales in safetensors) that really are smaller."""
+"""Export: bit-packed model files (codes + LUTs/scales in safetensors) that really are smaller, and ONNX
+with QuantizeLinear/DequantizeLinear (``onnx`` is imported only when exporting)."""
 
 from .bitpack import pack_bits, packed_size, unpack_bits
+from .onnx import export_onnx, weight_encodings
 from .packed import exact_uniform, load_packed, read_packed_meta, save_packed
 
-__all__ = ["exact_uniform", "load_packed", "pack_bits", "packed_size", "read_packed_meta", "save_packed", "unpack_bits"]
+__all__ = ["exact_uniform", "export_onnx", "load_packed", "pack_bits", "packed_size", "read_packed_meta",
+           "save_packed", "unpack_bits", "weight_encodings"]

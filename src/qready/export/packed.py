@@ -114,27 +114,11 @@ def _entry_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _evenly_spaced(channel: torch.Tensor, values: torch.Tensor, tol: float = 1e-3) -> bool:
-    """Whether each channel's sorted distinct values are integer multiples of its smallest gap apart
-    (a cheap necessary condition for a uniform grid)."""
-    same = channel[1:] == channel[:-1]
-    gaps = (values[1:] - values[:-1])[same].double()
-    if gaps.numel() == 0:
-        return True
-    smallest = torch.full((int(channel.max()) + 1,), float("inf"), dtype=torch.float64)
-    smallest = smallest.scatter_reduce(0, channel[1:][same], gaps, reduce="amin")
-    ratio = gaps / smallest[channel[1:][same]]
-    return bool(((ratio - ratio.round()).abs() <= tol).all())
-
-
 def _auto_uniform(weight: torch.Tensor) -> tuple[torch.Tensor, QuantParams] | None:
     """The first per-channel grid (symmetric, then asymmetric; fewest bits) that reproduces ``weight``."""
     if weight.dim() == 0:
         return None
-    channel, values = distinct_values(weight, 1)
-    if not _evenly_spaced(channel, values):
-        return None
-    most = int(torch.bincount(channel).max())
+    most = int(torch.bincount(distinct_values(weight, 1)[0]).max())
     for bits in range(max(1, math.ceil(math.log2(most))), max(WEIGHT_BITS) + 1):
         specs = [QuantSpec(bits=1)] if bits == 1 else [QuantSpec(bits=bits), QuantSpec(bits=bits, symmetric=False)]
         for spec in specs:

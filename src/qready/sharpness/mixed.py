@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from ..quant.activations import ATTR
 from ..quant.ptq import batch_inputs, ptq
-from ..quant.qat import prepare_qat
+from ..quant.qat import _calibrate, prepare_qat
+from ..quant.quantizers import ActivationQAT
 from ..quant.select import Selector, as_selector
 from ..quant.spec import ACT_BITS, QuantSpec
 from .ascent import check_rho
@@ -336,15 +337,18 @@ def prepare_mixed(
     a_bits: ActBits = "same",
     calib: Iterable | None = None,
     inplace: bool = False,
+    *,
+    calib_batches: int = 8,
     **qat_options,
 ) -> nn.Module:
     """QAT quantizers with per-layer bit widths: ``prepare_qat`` once per bit width, each time on the
-    layers of ``config`` that have it (exact-name selector, in place on one copy).
+    layers of ``config`` that have it (exact-name selector, in place on one copy), then one joint
+    calibration of every input quantizer on ``calib`` (as a single ``prepare_qat`` call does, so a
+    uniform ``config`` gives exactly the model ``prepare_qat`` gives).
 
     ``a_bits``: as in :func:`search_mixed_precision` (``"same"``: each layer's inputs at its weight
-    bits, at least 2). ``calib`` must be re-iterable (a list or DataLoader): it calibrates each group.
-    ``qat_options`` go to every ``prepare_qat`` call (e.g. ``w_granularity``). Layers not in
-    ``config`` stay float. Returns the prepared model (``model`` itself when ``inplace``).
+    bits, at least 2). ``qat_options`` go to every ``prepare_qat`` call (e.g. ``w_granularity``).
+    Layers not in ``config`` stay float. Returns the prepared model (``model`` itself when ``inplace``).
     """
     _check_act(a_bits)
     if not config:
@@ -356,6 +360,9 @@ def prepare_mixed(
     target = model if inplace else copy.deepcopy(model)
     for b in sorted(set(config.values())):
         group = sorted(n for n, v in config.items() if v == b)
-        prepare_qat(target, method=method, w_bits=b, a_bits=_act_bits(a_bits, b),
-                    select=Selector(include=_exact(group)), calib=calib, inplace=True, **qat_options)
+        prepare_qat(target, method=method, w_bits=b, a_bits=_act_bits(a_bits, b), select=Selector(include=_exact(group)),
+                    inplace=True, **qat_options)
+    quantizers = [q for n in config if isinstance(q := getattr(target.get_submodule(n), ATTR, None), ActivationQAT)]
+    if calib is not None and quantizers:
+        _calibrate(target, quantizers, calib, calib_batches)
     return target

@@ -1,0 +1,206 @@
+"""Gradient-ℓ1 regularization: does one trained model survive PTQ at many bit widths, and what does
+double backprop cost?
+
+Quality: digits (dwcnn) and MNIST-1D (cnn1d), one model per (setting, seed), each swept through PTQ
+at W8A8, W6A6, W4A4, W4A8, W3A8 and weight-only W4, W3 (per-channel symmetric min-max weights,
+per-tensor asymmetric min-max activations). Settings: the plain baseline and grad-ℓ1 over a λ grid,
+applied (as in the paper) only in the last third of the epochs. The held ‖∇_W L‖₁ column is the
+penalised quantity measured after training on the first test batch (BatchNorm in train mode).
+
+Cost: step time with the penalty / plain step (forward + backward + optimizer), ResNet-20 on
+``[32, 3, 32, 32]`` on the CPU, steps interleaved so that load changes hit both alike.
+
+    python -m benchmarks.grad_l1 [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qready.models import create_model
+from qready.regularizers import GradL1
+
+from . import common
+
+BITS = ["W8A8", "W6A6", "W4A4", "W4A8", "W3A8", 4, 3]
+COLUMNS = ["FP", "W8A8", "W6A6", "W4A4", "W4A8", "W3A8", "W4", "W3"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training recipe: λ_w, λ_a and the fraction of the epochs (at the end) with the penalty."""
+
+    label: str
+    weight: float = 0.0
+    act_weight: float = 0.0
+    last_fraction: float = 1 / 3
+
+    def terms(self, model, epochs: int) -> list[GradL1]:
+        if self.weight == 0 and self.act_weight == 0:
+            return []
+        last = max(1, round(epochs * self.last_fraction))
+        return [GradL1(model, weight=self.weight, act_weight=self.act_weight, last_epochs=last, epochs=epochs)]
+
+
+# λ grid from pilots (seed 0): applied in the last third of a cosine schedule, λ_w up to 10 leaves FP
+# accuracy intact (the learning rate is small by then) while from the start λ_w = 0.03 already collapses
+# MNIST-1D training; 0.1 -> 10 spans "barely moves ‖∇L‖₁" to "halves it".
+FULL_SETTINGS = [
+    Setting("baseline"),
+    Setting("λw=0.1", 0.1),
+    Setting("λw=1", 1.0),
+    Setting("λw=10", 10.0),
+    Setting("λw=1 λa=0.1", 1.0, 0.1),
+]
+QUICK_SETTINGS = [Setting("baseline"), Setting("λw=1", 1.0)]
+
+
+def held_grad_l1(model, setup: common.Setup, seed: int) -> float:
+    """Σ_l ‖∇_{W_l} L‖₁ on the first test batch (BatchNorm in train mode, statistics restored)."""
+    _, _, test_loader = common.loaders(setup, seed)
+    x, y = next(iter(test_loader))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    value = GradL1(model).penalty(model, F.cross_entropy(model(x), y)).item()
+    model.load_state_dict(state)
+    model.eval()
+    return value
+
+
+def quality(setup_name: str, seeds: list[int], settings: list[Setting], epochs: int | None) -> list[dict]:
+    """One row per (setting, seed): PTQ accuracies, held ‖∇_W L‖₁ and training time."""
+    setup = common.SETUPS[setup_name]
+    n_epochs = epochs or setup.epochs
+    rows = []
+    for seed in seeds:
+        for setting in settings:
+            splits, _, _ = common.loaders(setup, seed)
+            model = common.new_model(setup, splits, seed)
+            start = time.perf_counter()
+            model, final = common.train(setup, seed, model=model, loss_terms=setting.terms(model, n_epochs),
+                                        epochs=n_epochs)
+            train_s = time.perf_counter() - start
+            acc = common.ptq_accuracies(model, setup, seed, BITS, ("minmax",))
+            row = {"setup": setup_name, "setting": setting.label, "seed": seed, "weight": setting.weight,
+                   "act_weight": setting.act_weight, "epochs": n_epochs,
+                   "penalty_epochs": max(1, round(n_epochs * setting.last_fraction)) if setting.weight or
+                   setting.act_weight else 0,
+                   "accuracy": {k.split("/")[0]: v for k, v in acc.items()},
+                   "held_grad_l1": held_grad_l1(model, setup, seed), "train_s": train_s}
+            rows.append(row)
+            print(f"{setup_name} seed {seed} {setting.label}: " +
+                  " ".join(f"{k}={v:.1f}" for k, v in row["accuracy"].items()) +
+                  f" |∇W L|1={row['held_grad_l1']:.2f} ({train_s:.0f}s)", flush=True)
+    return rows
+
+
+def step_cost(steps: int, act_weight: float = 0.0) -> dict:
+    """Median step time (s) plain and with grad-ℓ1, ResNet-20, batch 32 of 3x32x32, SGD, interleaved."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=3).train()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    reg = GradL1(model, weight=0.01, act_weight=act_weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(with_penalty: bool) -> float:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        total = loss + reg(model, loss=loss) if with_penalty else loss
+        total.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    for _ in range(3):
+        step(False), step(True)
+    plain, penalised = [], []
+    for _ in range(steps):
+        plain.append(step(False))
+        penalised.append(step(True))
+    reg.remove()
+    p, g = statistics.median(plain), statistics.median(penalised)
+    return {"act_weight": act_weight, "threads": torch.get_num_threads(), "plain_s": p, "grad_l1_s": g,
+            "ratio": g / p, "steps": steps, "load_avg_1min": os.getloadavg()[0]}
+
+
+def paired_deltas(rows: list[dict], settings: list[Setting]) -> list[list[str]]:
+    """Per (setup, setting): mean ± std over seeds of accuracy minus the same seed's baseline."""
+    base = {(r["setup"], r["seed"]): r["accuracy"] for r in rows if r["setting"] == settings[0].label}
+    lines = []
+    for setup_name in dict.fromkeys(r["setup"] for r in rows):
+        for setting in settings[1:]:
+            sel = [r for r in rows if r["setup"] == setup_name and r["setting"] == setting.label]
+            if sel:
+                lines.append([setup_name, setting.label, *(
+                    common.mean_std([r["accuracy"][c] - base[(setup_name, r["seed"])][c] for r in sel])
+                    for c in COLUMNS)])
+    return lines
+
+
+def markdown(rows: list[dict], settings: list[Setting], costs: list[dict]) -> str:
+    lines = []
+    for setup_name in dict.fromkeys(r["setup"] for r in rows):
+        for setting in settings:
+            sel = [r for r in rows if r["setup"] == setup_name and r["setting"] == setting.label]
+            if not sel:
+                continue
+            cells = [common.mean_std([r["accuracy"][c] for r in sel]) for c in COLUMNS]
+            lines.append([setup_name, setting.label, f"{sel[0]['penalty_epochs']}/{sel[0]['epochs']}", *cells,
+                          common.mean_std([r["held_grad_l1"] for r in sel]),
+                          f"{statistics.mean(r['train_s'] for r in sel):.0f}"])
+    seeds = sorted({r["seed"] for r in rows})
+    header = ["setup", "setting", "penalty epochs", *COLUMNS, "held ‖∇W L‖₁", "train s"]
+    out = [f"# Gradient-ℓ1 regularization: PTQ accuracy (%) over seeds {seeds}, mean ± std\n",
+           "Per-channel symmetric min-max weights, per-tensor asymmetric min-max activations; one trained "
+           "model per row, swept through every bit width. `W4`/`W3`: weights only.\n",
+           common.markdown_table(header, lines), "",
+           "## Paired difference to the baseline of the same seed (accuracy points, mean ± std over seeds)\n",
+           common.markdown_table(["setup", "setting", *COLUMNS], paired_deltas(rows, settings)), "",
+           "## Cost: ResNet-20, batch 32 of 3x32x32, CPU, median of interleaved steps (SGD step included)\n",
+           "The machine's 1-minute load average is shown: timings on a shared machine are noisy.\n"]
+    out.append(common.markdown_table(
+        ["term", "threads", "plain step ms", "grad-ℓ1 step ms", "ratio", "load avg"],
+        [["weights" if c["act_weight"] == 0 else "weights + activations", str(c["threads"]),
+          f"{1000 * c['plain_s']:.1f}", f"{1000 * c['grad_l1_s']:.1f}", f"{c['ratio']:.2f}×",
+          f"{c['load_avg_1min']:.1f}"] for c in costs]))
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, 2 settings, short timing")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for training (default 1: the small models gain nothing from more)")
+    args = parser.parse_args()
+    timing_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    seeds = [0] if args.quick else [0, 1, 2]
+    settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
+    epochs = 3 if args.quick else None
+    rows = [row for name in ("digits", "mnist1d") for row in quality(name, seeds, settings, epochs)]
+    steps = 5 if args.quick else 15
+    costs = []
+    for threads in sorted({1, timing_threads}):
+        torch.set_num_threads(threads)
+        for act_weight in (0.0, 0.01):
+            c = step_cost(steps, act_weight)
+            costs.append(c)
+            print(f"cost ({threads} thread(s), act_weight={act_weight}): plain {1000 * c['plain_s']:.1f} ms, "
+                  f"grad-l1 {1000 * c['grad_l1_s']:.1f} ms, ratio {c['ratio']:.2f}x "
+                  f"(load average {c['load_avg_1min']:.1f})", flush=True)
+    name = "grad_l1_quick" if args.quick else "grad_l1"
+    payload = {"bits": [str(b) for b in BITS], "settings": [s.__dict__ for s in settings], "rows": rows,
+               "cost": costs, "quick": args.quick, "train_threads": args.threads, "timing_threads": timing_threads}
+    paths = common.save_results(name, payload, markdown(rows, settings, costs))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from qready.quant import prepare_qat
 from qready.sharpness import SAM, SAQ, SAMStep
 from qready.train import StepContext
+from qready.train.distributed import cleanup_distributed
 
 RHO, LR = 0.2, 0.1
 
@@ -106,8 +107,9 @@ def worker(rank: int, port: int, out: str) -> None:
         results["per_backward"] = per_backward
         if rank == 0:
             torch.save(results, out)
+        ddp = model = opt = None  # drop the DDP reducers before leaving the group
     finally:
-        dist.destroy_process_group()
+        cleanup_distributed()
 
 
 def free_port() -> int:

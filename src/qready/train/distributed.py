@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -109,9 +110,19 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group (no-op when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (no-op when none is initialised).
+
+    DDP wrappers still alive hold the group through their reducers, and a process that destroys its
+    group while a peer is still communicating can abort the peer; so collect garbage first and wait for
+    every rank (best effort: a rank that already failed must not hang the others here)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -80,7 +80,8 @@ def _mixed(model: nn.Module, setup_name: str, seed: int, epochs: int) -> dict:
     search_s = time.perf_counter() - t0
     out = {"config": found.config, "bops": found.bops, "target": target, "search_s": search_s}
     for key, rho in (("lsq", None), ("saq", MIXED_RHO)):
-        qmodel = prepare_mixed(model, found.config, method="lsq", calib=train_loader)
+        _, calib, _ = loaders(SETUPS[setup_name], seed)  # a fresh loader: the same calibration batches as _uniform
+        qmodel = prepare_mixed(model, found.config, method="lsq", calib=calib)
         out[key] = _finetune(qmodel, setup_name, seed, epochs, rho)
     return out
 

@@ -209,7 +209,7 @@ def search_mixed_precision(
     batches: int = 4,
     candidates: int = 8,
     w_range: str = "mse",
-    a_range: str = "minmax",
+    a_range: str = "mse",
     granularity: str = "channel",
     resolution: int = 200_000,
 ) -> MixedPrecisionResult:
@@ -231,7 +231,9 @@ def search_mixed_precision(
         lam: weight of the budget penalty ``((BOPs − T)/T)²``.
         batches: number of batches used for calibration and every loss measurement.
         candidates: how many DP solutions are measured for the final choice.
-        w_range, a_range, granularity: the PTQ quantizers of the views (see :class:`~qready.QuantSpec`).
+        w_range, a_range, granularity: the PTQ quantizers of the views (see :class:`~qready.QuantSpec`);
+            MSE ranges clip like the learned LSQ ranges the fine-tuning will end with (min-max at 2-3 bits
+            spends the grid on outliers and exaggerates a layer's sensitivity).
         resolution: at most this many budget units in the DP: BOPs are exact integers (divided by
             their gcd) when that fits, else rounded up to ``T/resolution`` (never exceeding ``T``).
     Returns:

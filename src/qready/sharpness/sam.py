@@ -8,8 +8,12 @@ As an optimizer wrapping any torch optimizer (two-step API or closure API)::
     opt.first_step(zero_grad=True)             # w <- w + e,  e = rho * g / ||g||  (one global norm)
     loss_fn(model(x), y).backward()
     opt.second_step(zero_grad=True)            # w restored exactly, then the base optimizer steps
-    # or the closure API (forward + backward, returns the loss; no_sync handled for a DDP `model`)
-    loss = opt.step(lambda: _backward(loss_fn(model(x), y)))
+    # or the closure API (no_sync handled for a DDP `model`)
+    def closure():                             # forward + backward, returns the loss
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)                   # both passes + the base step
 
 or inside :func:`qready.train.fit` with the loop's own optimizer::
 

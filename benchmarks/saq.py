@@ -33,7 +33,15 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from torch import nn
 
-from benchmarks.common import SETUPS, loaders, markdown_table, mean_std, save_results, train
+from benchmarks.common import (
+    SETUPS,
+    interleaved_medians,
+    loaders,
+    markdown_table,
+    mean_std,
+    save_results,
+    train,
+)
 from qready.evaluate import evaluate
 from qready.models import create_model
 from qready.quant import Selector, finalize, prepare_qat, qat_param_groups
@@ -150,16 +158,7 @@ def step_cost(repeats: int, rho: float = 0.3) -> dict:
         return loss
 
     steps: dict[str, Callable[[], object]] = {"LSQ W4A4 step": lsq_step, "SAQ step": lambda: saq.step(closure, opt_sharp)}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(steps, repeats)
     return {"lsq_s": medians["LSQ W4A4 step"], "saq_s": medians["SAQ step"],
             "ratio": medians["SAQ step"] / medians["LSQ W4A4 step"], "repeats": repeats, "rho": rho}
 

@@ -2,9 +2,10 @@
 
 from .activations import ActivationQuantizer, attach_input_quantizer, input_quantizers
 from .functional import compute_qparams, dequantize, fake_quantize, quantize
-from .ptq import check_finite_weights, ptq, recalibrate_batchnorm
-from .select import Selector, SelectedModule, as_selector, is_depthwise
+from .ptq import ptq, recalibrate_batchnorm
+from .select import SelectedModule, Selector, as_selector, is_depthwise
 from .spec import GRANULARITIES, RANGE_METHODS, QuantParams, QuantSpec, check_bits
+from .validate import check_finite
 
 __all__ = [
     "GRANULARITIES",
@@ -17,7 +18,7 @@ __all__ = [
     "as_selector",
     "attach_input_quantizer",
     "check_bits",
-    "check_finite_weights",
+    "check_finite",
     "compute_qparams",
     "dequantize",
     "fake_quantize",

@@ -27,9 +27,9 @@ from torch.nn.utils import parametrize
 from .codebook import channel_groups, kmeans_lut, snap
 from .dkm import CHUNK, DKM_BITS, DKMImpl, DKMWeight
 from .kmeans import KMeansMethod
-from .ptq import check_finite_weights
 from .select import Selector, as_selector
 from .spec import WEIGHT_BITS, check_bits
+from .validate import check_finite
 
 log = logging.getLogger("qready.palettize")
 
@@ -119,7 +119,7 @@ def palettize(
         the palettized model (for ``"dkm"``: with parametrizations attached, to be trained).
     """
     _check_options(method, bits, granularity, group_size, reg)
-    check_finite_weights(model)
+    check_finite(model)
     out = model if inplace else copy.deepcopy(model)
     layers = _layers(out, method, select, reg)
     size = group_size if granularity == "group" else None

@@ -16,8 +16,6 @@ from .select import Selector, as_selector
 from .spec import QuantSpec
 from .validate import check_finite
 
-check_finite_weights = check_finite  # the name used by qat/palettize
-
 log = logging.getLogger("qready.ptq")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .activations import ATTR, attach_input_module
-from .ptq import check_finite_weights, run_batches
+from .ptq import run_batches
 from .quantizers import (
     ActivationQAT,
     EWGSActivationQuantizer,
@@ -39,6 +39,7 @@ from .quantizers import (
 )
 from .select import SelectedModule, Selector, as_selector
 from .spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
+from .validate import check_finite
 
 METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
 DEFAULT_GRANULARITY = {"ste": "channel", "lsq": "channel", "ewgs": "tensor"}
@@ -200,7 +201,7 @@ def prepare_qat(
         selector = replace(selector, first_last=first_last)
     chosen = selector.select(model)
     _check_modules(model, chosen, selector, a_bits is not None)
-    check_finite_weights(model)
+    check_finite(model)
 
     target = model if inplace else copy.deepcopy(model)
     granularity = w_granularity or DEFAULT_GRANULARITY[method]

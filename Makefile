@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 		echo "installing $(TORCH_SPEC)"; \
 		$(PY) -m pip install --quiet $(TORCH_SPEC); \
 	fi
-	$(PY) -m pip install --quiet -e ".[data,plots,export,dev]"
+	$(PY) -m pip install --quiet -e ".[data,plots,export,hf,coreml,images,dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

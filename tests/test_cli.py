@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from qready.cli import main
+from qready.app.cli import main
 
 TINY = {
     "name": "tiny",

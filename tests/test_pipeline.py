@@ -7,10 +7,10 @@ import subprocess
 import pytest
 import yaml
 
-from qready import runner
-from qready.cli import main
-from qready.evaluate.html import write_comparison
-from qready.pipeline import expand_grid, run_recipe
+from qready.app import stages as runner
+from qready.app.cli import main
+from qready.app.comparison import write_comparison
+from qready.app.pipeline import expand_grid, run_recipe
 from qready.recipe import RecipeError
 
 RECIPE = {

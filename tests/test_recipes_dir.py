@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qready.pipeline import expand_grid
+from qready.app.pipeline import expand_grid
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 EMBEDDED = sorted((Path(__file__).resolve().parents[1] / "src" / "qready" / "recipes").glob("*.yaml"))

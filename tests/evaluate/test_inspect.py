@@ -13,9 +13,10 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
-from qready.cli import main
+from qready.app.cli import main
+from qready.app.commands import inspect_command
 from qready.data import load_dataset, make_loaders
-from qready.evaluate.inspect import diagnose, inspect_command, spearman
+from qready.evaluate.inspect import diagnose, spearman
 from qready.models import create_model
 from qready.quant.spec import QuantSpec
 from qready.train import TrainConfig, fit, seed_everything

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qready.quant.dkm import DKMWeight, dkm_naive, dkm_unique, unique_values
+from qready.quant.palettize.dkm import DKMWeight, dkm_naive, dkm_unique, unique_values
 
 
 def reference_dkm(w: torch.Tensor, c0: torch.Tensor, tau: float, iters: int) -> torch.Tensor:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qready.quant import kmeans as km
-from qready.quant.kmeans import kmeans1d, kmeans1d_centroids
+from qready.quant.palettize import kmeans as km
+from qready.quant.palettize.kmeans import kmeans1d, kmeans1d_centroids
 
 
 def brute_force_sse(values: np.ndarray, k: int) -> float:

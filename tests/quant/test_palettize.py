@@ -8,7 +8,7 @@ from qready.data import load_dataset, make_loaders
 from qready.evaluate import evaluate
 from qready.models import create_model
 from qready.quant import Selector, finalize_palettized, palettize
-from qready.quant.codebook import find_palette
+from qready.quant.palettize.codebook import find_palette
 from qready.regularizers import build
 from qready.train import TrainConfig, fit
 

@@ -11,9 +11,9 @@ from torch.nn.utils import parametrize
 
 from qready.models import create_model, list_models
 from qready.quant import ActivationQuantizer, Selector
-from qready.quant.hessian import EWGSDeltaUpdater, estimate_ewgs_deltas, ewgs_quantizers
 from qready.quant.qat import finalize, prepare_qat, qat_param_groups, quantizer_parameters
-from qready.quant.quantizers import EWGSActivationQuantizer, QATQuantizer
+from qready.quant.qat.hessian import EWGSDeltaUpdater, estimate_ewgs_deltas, ewgs_quantizers
+from qready.quant.qat.quantizers import EWGSActivationQuantizer, QATQuantizer
 
 METHODS = ("ste", "lsq", "ewgs")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qready.quant import compute_qparams, fake_quantize
-from qready.quant.hessian import hutchinson_trace
-from qready.quant.quantizers import (
+from qready.quant.qat.hessian import hutchinson_trace
+from qready.quant.qat.quantizers import (
     EWGSActivationQuantizer,
     EWGSRound,
     EWGSWeightQuantizer,

@@ -8,7 +8,7 @@ from torch import nn
 
 from qready.data import load_dataset, make_loaders
 from qready.models import create_model
-from qready.quant.kmeans import kmeans1d_centroids
+from qready.quant.palettize.kmeans import kmeans1d_centroids
 from qready.regularizers import build
 from qready.regularizers.cluster import soft_cluster_penalty
 from qready.train import TrainConfig, fit

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from qready.quant import Selector, qat_param_groups
-from qready.quant.quantizers import LSQActivationQuantizer, LSQWeightQuantizer
+from qready.quant.qat.quantizers import LSQActivationQuantizer, LSQWeightQuantizer
 from qready.sharpness import SAQStep, bops, prepare_mixed, search_mixed_precision
 from qready.sharpness.mixed import config_bops
 from qready.train import TrainConfig, fit

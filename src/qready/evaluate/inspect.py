@@ -19,7 +19,6 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -322,33 +321,3 @@ def diagnose(
                              f"Spearman rank correlation {rho[low]:.2f} across {len(layers)} layers")
     return Diagnosis(layers=layers, recommend=recommend, bits=bit_list, spec=asdict(spec), loss=base,
                      num_samples=sum(int(y.shape[0]) for _, y in cached), spearman=rho)
-
-
-def inspect_command(ckpt: str, *, batches: int = 4, bits: Sequence[int | str] = (8, 4, 3, 2),
-                    as_json: bool = False, data_root: str | None = None) -> int:
-    """``qready inspect CKPT``: diagnose every Linear/Conv/Embedding layer of a checkpoint written by
-    ``qready train`` (first and last included, flagged) on the first ``batches`` batches of its recipe's
-    training loader, with its recipe's PTQ spec (``sweep`` granularity, symmetry, first range method).
-    Prints a table and the recommendations, or the :class:`Diagnosis` as JSON with ``as_json``. Returns 0."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
-    from ..runner import prepare_from_checkpoint
-
-    prepared = prepare_from_checkpoint(Path(ckpt), data_root=data_root)
-    cfg = prepared.recipe.sweep
-    spec = QuantSpec(bits=8, symmetric=cfg.symmetric, granularity=cfg.granularity, range=cfg.ranges[0],
-                     group_size=cfg.group_size)
-    diagnosis = diagnose(prepared.model, prepared.train_loader, bits=bits, spec=spec, num_batches=batches)
-    if as_json:
-        print(diagnosis.to_json())
-        return 0
-    table = diagnosis.table(title=f"Quantization readiness of {ckpt} ({spec.granularity}, {spec.range})")
-    console = Console()
-    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    if needed > console.width:  # a narrow terminal or a pipe: let lines run long rather than truncate cells
-        console = Console(width=needed)
-    console.print(table)
-    for line in diagnosis.recommend:
-        console.print(f"- {line}", highlight=False)
-    return 0

@@ -48,8 +48,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quant.activations import ATTR, ActivationQuantizer
-from ..quant.codebook import channel_groups, find_palette
 from ..quant.grid import fake_quantize_rows
+from ..quant.palettize.codebook import channel_groups, find_palette
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantSpec, check_bits
 from .packed import exact_uniform

@@ -37,9 +37,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..quant.codebook import Palette, channel_groups, distinct_values, find_palette, lookup
 from ..quant.functional import dequantize, quantize
 from ..quant.grid import to_rows
+from ..quant.palettize.codebook import Palette, channel_groups, distinct_values, find_palette, lookup
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantParams, QuantSpec, check_bits
 from .bitpack import pack_bits, unpack_bits

@@ -1,8 +1,10 @@
-"""Quantization core: specs, fake quantization, integer codes, ranges, PTQ and module selection."""
+"""Quantization: the shared core (specs, fake quantization, integer codes, ranges, module selection,
+calibration passes) and one package per back-end: ``ptq``, ``qat``, ``palettize``."""
 
 from .activations import ActivationQuantizer, attach_input_quantizer, input_quantizers
+from .calibrate import recalibrate_batchnorm, run_batches
 from .functional import compute_qparams, dequantize, fake_quantize, quantize
-from .ptq import ptq, recalibrate_batchnorm
+from .ptq import ptq
 from .select import SelectedModule, Selector, as_selector, is_depthwise
 from .spec import GRANULARITIES, RANGE_METHODS, QuantParams, QuantSpec, check_bits
 from .validate import check_finite
@@ -27,21 +29,37 @@ __all__ = [
     "ptq",
     "quantize",
     "recalibrate_batchnorm",
+    "run_batches",
 ]
 
 # palettization (k-means, DKM, LUTs)
-from .codebook import Palette, find_palette, nearest, snap  # noqa: E402
-from .dkm import DKMWeight, dkm_naive, dkm_unique  # noqa: E402
-from .kmeans import kmeans1d  # noqa: E402
-from .palettize import finalize_palettized, palettize  # noqa: E402
+from .palettize import (  # noqa: E402
+    DKMWeight,
+    Palette,
+    dkm_naive,
+    dkm_unique,
+    finalize_palettized,
+    find_palette,
+    kmeans1d,
+    nearest,
+    palettize,
+    snap,
+)
 
 __all__ += ["DKMWeight", "Palette", "dkm_naive", "dkm_unique", "finalize_palettized", "find_palette", "kmeans1d",
             "nearest", "palettize", "snap"]
 
 from .activations import attach_input_module  # noqa: E402
-from .hessian import EWGSDeltaUpdater, estimate_ewgs_deltas, hutchinson_trace  # noqa: E402
 from .qat import METHODS as QAT_METHODS  # noqa: E402
-from .qat import finalize, prepare_qat, qat_param_groups, quantizer_parameters  # noqa: E402
+from .qat import (  # noqa: E402
+    EWGSDeltaUpdater,
+    estimate_ewgs_deltas,
+    finalize,
+    hutchinson_trace,
+    prepare_qat,
+    qat_param_groups,
+    quantizer_parameters,
+)
 
 __all__ += [
     "QAT_METHODS",

@@ -30,8 +30,8 @@ import math
 import torch
 from torch import nn
 
-from ..quant.codebook import nearest
-from ..quant.kmeans import kmeans1d_centroids
+from ..quant.palettize.codebook import nearest
+from ..quant.palettize.kmeans import kmeans1d_centroids
 from ..quant.select import Selector
 from ..quant.spec import WEIGHT_BITS, check_bits
 from .base import REGULARIZERS, Regularizer, param_key

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quant.quantizers import ActivationQAT
+from ..quant.qat.quantizers import ActivationQAT
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BitsLike = int | Mapping[str, int]

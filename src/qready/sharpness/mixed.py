@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..batching import batch_inputs
 from ..quant.activations import ATTR
-from ..quant.ptq import batch_inputs, ptq
-from ..quant.qat import _calibrate, prepare_qat
-from ..quant.quantizers import ActivationQAT
+from ..quant.ptq import ptq
+from ..quant.qat import calibrate_activation_quantizers, prepare_qat
+from ..quant.qat.quantizers import ActivationQAT
 from ..quant.select import Selector, as_selector
 from ..quant.spec import ACT_BITS, QuantSpec
 from .ascent import check_rho
@@ -366,5 +367,5 @@ def prepare_mixed(
                     inplace=True, **qat_options)
     quantizers = [q for n in config if isinstance(q := getattr(target.get_submodule(n), ATTR, None), ActivationQAT)]
     if calib is not None and quantizers:
-        _calibrate(target, quantizers, calib, calib_batches)
+        calibrate_activation_quantizers(target, quantizers, calib, calib_batches)
     return target

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..quant.quantizers import ActivationQAT
+from ..quant.qat.quantizers import ActivationQAT
 from ..quant.select import DEFAULT_TYPES
 from ..train import StepContext, distributed
 from .ascent import RhoLike, check_adaptive, check_eta, check_rho_like, rho_at

@@ -11,14 +11,14 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DatasetSplits, load_dataset, make_loaders
-from .evaluate.report import markdown_table, pivot_sweep, print_table
-from .evaluate.sweep import sweep
-from .models import MODELS, create_model
-from .quant.select import Selector
-from .quant.spec import QuantSpec
-from .recipe import Recipe, load_recipe, save_recipe
-from .train import fit, load_checkpoint, load_model_weights, seed_everything
+from ..data import DatasetSplits, load_dataset, make_loaders
+from ..evaluate.report import markdown_table, pivot_sweep, print_table
+from ..evaluate.sweep import sweep
+from ..models import MODELS, create_model
+from ..quant.select import Selector
+from ..quant.spec import QuantSpec
+from ..recipe import Recipe, load_recipe, save_recipe
+from ..train import fit, load_checkpoint, load_model_weights, seed_everything
 
 log = logging.getLogger("qready")
 
@@ -68,7 +68,7 @@ def checkpoint_meta(recipe: Recipe, prepared: Prepared) -> dict:
 
 def build_regularizers(recipe: Recipe, model: nn.Module) -> list[nn.Module]:
     """The recipe's regularizers, built for ``model``."""
-    from .regularizers import build
+    from ..regularizers import build
 
     return [build(r.name, model, weight=r.weight, select=r.select or None, **r.options) for r in recipe.regularizers]
 
@@ -77,13 +77,13 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
                  device=None) -> Prepared:
     """Train the recipe's model into ``run_dir`` (checkpoint, metrics.jsonl, recipe.yaml); under
     torchrun every process calls this and only rank 0 writes."""
-    from .train.distributed import is_main_process
+    from ..train.distributed import is_main_process
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
     prepared = prepare(recipe)
-    from .sharpness.build import build_step
+    from ..sharpness.build import build_step
 
     terms = build_regularizers(recipe, prepared.model)
     result = fit(
@@ -123,7 +123,7 @@ def write_report(run_dir: Path, rows: list[dict], recipe: Recipe, *, plot: bool 
         markdown_table(header, lines),
     ]
     if plot:
-        from .evaluate.plots import plot_accuracy_vs_bits
+        from ..evaluate.plots import plot_accuracy_vs_bits
 
         plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png", title=f"{recipe.name}: accuracy vs bits")
         parts.append("\n![accuracy vs bits](accuracy_vs_bits.png)\n")
@@ -168,9 +168,9 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
     (weights on their grid or palette, quantizers baked in)."""
     import copy
 
-    from .quant.palettize import finalize_palettized, palettize
-    from .quant.qat import finalize, prepare_qat, qat_param_groups
-    from .recipe import QAT_METHODS
+    from ..quant.palettize import finalize_palettized, palettize
+    from ..quant.qat import finalize, prepare_qat, qat_param_groups
+    from ..recipe import QAT_METHODS
 
     recipe, c = prepared.recipe, prepared.recipe.compress
     model = copy.deepcopy(prepared.model)
@@ -183,12 +183,12 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
         model = prepare_qat(model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
                             calib=prepared.train_loader, inplace=True, **options)
         if delta_update is not None:
-            from .quant.hessian import EWGSDeltaUpdater
+            from ..quant.qat.hessian import EWGSDeltaUpdater
 
             updater = EWGSDeltaUpdater(prepared.train_loader, **(delta_update or {}))
             updater.update(model)
             fit_kwargs["callbacks"] = [updater]
-        from .sharpness.build import build_step
+        from ..sharpness.build import build_step
 
         groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)
         fit(model, prepared.train_loader, train_cfg, param_groups=groups, step_strategy=build_step(c.sharpness),
@@ -201,7 +201,7 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
         model = palettize(model, bits=c.w_bits, method="dkm", select=select, inplace=True, **options)
         fit(model, prepared.train_loader, train_cfg, **fit_kwargs)
         return finalize_palettized(model)
-    from .regularizers import build
+    from ..regularizers import build
 
     weight = float(options.pop("weight", 1.0))
     reg = build("cluster", model, weight=weight, select=select, bits=c.w_bits, **options)
@@ -212,9 +212,9 @@ def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
 def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> dict:
     """Compress, evaluate, save (``compressed/``), export and plot weight histograms; writes
     ``compress.json`` and returns it."""
-    from .evaluate.metrics import evaluate
-    from .regularizers.stats import plot_weight_histograms
-    from .train import save_checkpoint
+    from ..evaluate.metrics import evaluate
+    from ..regularizers.stats import plot_weight_histograms
+    from ..train import save_checkpoint
 
     c = prepared.recipe.compress
     model = compress_model(prepared, run_dir, progress=progress)
@@ -243,12 +243,12 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: st
                if v.is_floating_point()}, str(fp32))
     meta = checkpoint_meta(prepared.recipe, prepared)["model"]
     if fmt == "packed":
-        from .export import save_packed
+        from ..export import save_packed
 
         target = target or run_dir / "export" / "model.qready"
         save_packed(model, target, meta={"model": meta["name"], "model_kwargs": meta["kwargs"]})
     else:
-        from .export.onnx import export_onnx
+        from ..export.onnx import export_onnx
 
         target = target or run_dir / "export" / "model.onnx"
         x = next(iter(prepared.test_loader))[0][:1]
@@ -261,7 +261,7 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: st
 
 def export_stage(prepared: Prepared, run_dir: Path) -> dict:
     """Without a compress stage: export the PTQ model at ``export.bits`` (per-channel min-max)."""
-    from .quant.ptq import ptq
+    from ..quant.ptq import ptq
 
     bits = prepared.recipe.export.bits
     qmodel = ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
@@ -273,10 +273,10 @@ def export_stage(prepared: Prepared, run_dir: Path) -> dict:
 def experiment_assets(prepared: Prepared, run_dir: Path) -> None:
     """Plots of one experiment: accuracy vs bits (``accuracy_vs_bits.png``) and, without a compress
     stage, weight histograms of the float model vs its PTQ at the lowest swept bit width."""
-    from .evaluate.plots import plot_accuracy_vs_bits
-    from .evaluate.sweep import parse_bit_setting
-    from .quant.ptq import ptq
-    from .regularizers.stats import plot_weight_histograms
+    from ..evaluate.plots import plot_accuracy_vs_bits
+    from ..evaluate.sweep import parse_bit_setting
+    from ..quant.ptq import ptq
+    from ..regularizers.stats import plot_weight_histograms
 
     rows = json.loads((run_dir / "sweep.json").read_text())
     plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png", title=f"{prepared.recipe.name}: accuracy vs bits")
@@ -303,9 +303,9 @@ def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = Non
                       out: Path | None = None, data_root: str | None = None) -> dict:
     """``qready export``: a float checkpoint is PTQ-quantized at ``bits`` (per-channel min-max) first; a
     run's ``compressed/`` checkpoint is exported as it is."""
-    from .quant.ptq import ptq
-    from .quant.spec import WEIGHT_BITS, check_bits
-    from .train import load_checkpoint
+    from ..quant.ptq import ptq
+    from ..quant.spec import WEIGHT_BITS, check_bits
+    from ..train import load_checkpoint
 
     meta = load_checkpoint(ckpt).meta
     prepared = prepare_from_checkpoint(ckpt, data_root=data_root, strict="row" not in meta)

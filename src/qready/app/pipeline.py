@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from .evaluate.html import slug
-from .recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
+from ..recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
+from .comparison import slug
 
 log = logging.getLogger("qready.run")
 STAGES_FILE = "stages.json"
@@ -111,7 +111,7 @@ def _stage_keys(recipe: Recipe) -> dict[str, str]:
 def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progress: bool = True,
                    on_stage: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
     """Run (or finish) every stage of one experiment in ``run_dir``; returns its summary dict."""
-    from . import runner
+    from . import stages
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = StageCache(run_dir, force=force)
@@ -127,34 +127,34 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
 
     if stage("train"):
         cache.invalidate_after("train", STAGE_ORDER)
-        from .train import checkpoint_exists
+        from ..train import checkpoint_exists
 
         resume = not force and checkpoint_exists(run_dir / "checkpoint")
-        prepared = runner.train_recipe(recipe, run_dir, resume=resume, progress=progress)
+        prepared = stages.train_recipe(recipe, run_dir, resume=resume, progress=progress)
         cache.mark("train", keys["train"])
     else:
-        prepared = runner.prepare_from_checkpoint(run_dir / "checkpoint")
+        prepared = stages.prepare_from_checkpoint(run_dir / "checkpoint")
     if recipe.compress is not None and stage("compress"):
-        runner.compress_stage(prepared, run_dir, progress=progress)
+        stages.compress_stage(prepared, run_dir, progress=progress)
         cache.mark("compress", keys["compress"])
     if stage("sweep"):
-        rows = runner.sweep_recipe(prepared)
+        rows = stages.sweep_recipe(prepared)
         (run_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
         cache.mark("sweep", keys["sweep"])
     if recipe.compress is None and recipe.export.format != "none" and stage("export"):
-        runner.export_stage(prepared, run_dir)
+        stages.export_stage(prepared, run_dir)
         cache.mark("export", keys["export"])
     if stage("report"):
-        runner.experiment_assets(prepared, run_dir)
+        stages.experiment_assets(prepared, run_dir)
         cache.mark("report", keys["report"])
-    return {"ran": ran, **runner.experiment_summary(run_dir)}
+    return {"ran": ran, **stages.experiment_summary(run_dir)}
 
 
 def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force: bool = False,
                progress: bool = True, overrides: list[str] | None = None,
                on_stage: Callable[[str, str, bool], None] | None = None) -> Path:
     """Run every experiment of a recipe (validated up front) and write the comparison report."""
-    from .evaluate.html import write_comparison
+    from .comparison import write_comparison
 
     if isinstance(source, dict):
         data = source

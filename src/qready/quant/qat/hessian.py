@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ptq import batch_inputs
-from .qat import train_mode_kept
+from ...batching import batch_inputs
+from .apply import train_mode_kept
 from .quantizers import EWGSMixin
 
 

@@ -3,7 +3,7 @@
 Three methods, one entry point (:func:`palettize`):
 
 * ``"kmeans"``: post-training; the 1-D k-means of each layer (or LUT group) and a snap to it. 1-8 bits.
-* ``"dkm"``: training-time; a :class:`~qready.quant.dkm.DKMWeight` parametrization is attached to each
+* ``"dkm"``: training-time; a :class:`~qready.quant.palettize.dkm.DKMWeight` parametrization is attached to each
   selected weight; train the returned model (e.g. with :func:`qready.train.fit`), then
   :func:`finalize_palettized` snaps the weights to their centroids and removes the parametrizations.
   1-4 bits.
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..select import Selector, as_selector
+from ..spec import WEIGHT_BITS, check_bits
+from ..validate import check_finite
 from .codebook import channel_groups, kmeans_lut, snap
 from .dkm import CHUNK, DKM_BITS, DKMImpl, DKMWeight
 from .kmeans import KMeansMethod
-from .select import Selector, as_selector
-from .spec import WEIGHT_BITS, check_bits
-from .validate import check_finite
 
 log = logging.getLogger("qready.palettize")
 

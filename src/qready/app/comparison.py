@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .report import markdown_table
+from ..evaluate.report import markdown_table
 
 
 def _mean_std(values: list[float]) -> str:
@@ -31,7 +31,7 @@ def load_experiments(root: Path) -> list[dict]:
     if path.is_file():
         return json.loads(path.read_text())
     if (root / "sweep.json").is_file():
-        from ..runner import experiment_summary
+        from .stages import experiment_summary
 
         return [{"id": "main", "overrides": {}, **experiment_summary(root)}]
     raise FileNotFoundError(f"{root} holds neither experiments.json nor sweep.json: is it a qready run directory?")

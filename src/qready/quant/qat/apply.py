@@ -24,8 +24,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .activations import ATTR, attach_input_module
-from .ptq import run_batches
+from ..activations import ATTR, attach_input_module
+from ..calibrate import run_batches
+from ..select import SelectedModule, Selector, as_selector
+from ..spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
+from ..validate import check_finite
 from .quantizers import (
     ActivationQAT,
     EWGSActivationQuantizer,
@@ -37,9 +40,6 @@ from .quantizers import (
     STEWeightQuantizer,
     WeightQuantizer,
 )
-from .select import SelectedModule, Selector, as_selector
-from .spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
-from .validate import check_finite
 
 METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
 DEFAULT_GRANULARITY = {"ste": "channel", "lsq": "channel", "ewgs": "tensor"}
@@ -130,7 +130,7 @@ def train_mode_kept(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-def _calibrate(model: nn.Module, quantizers: list[ActivationQAT], calib: Iterable, calib_batches: int) -> None:
+def calibrate_activation_quantizers(model: nn.Module, quantizers: list[ActivationQAT], calib: Iterable, calib_batches: int) -> None:
     """Initialise activation quantizers on up to ``calib_batches`` batches.
 
     The batches run in train mode (BatchNorm normalises with batch statistics, as it will during QAT;
@@ -168,7 +168,7 @@ def prepare_qat(
     Args:
         model: any ``nn.Module`` (trained, regularized, pretrained or fresh).
         method: ``"ste"`` (straight-through fake quant), ``"lsq"`` (learned step size) or ``"ewgs"``
-            (learned bounds, element-wise gradient scaling); see :mod:`qready.quant.quantizers`.
+            (learned bounds, element-wise gradient scaling); see :mod:`qready.quant.qat.quantizers`.
         w_bits: weight bits, 1-8 (None: weights stay float).
         a_bits: activation bits, 2-8 or 16, applied to the selected modules' inputs (None: float
             activations). Embedding inputs (indices) are never quantized.
@@ -219,7 +219,7 @@ def prepare_qat(
                 aq = _activation_quantizer(method, bits, range, momentum, delta).to(weight.device, weight.dtype)
                 hooked.append((module, attach_input_module(module, aq)))
         if calib is not None and hooked:
-            _calibrate(target, [getattr(m, ATTR) for m, _ in hooked], calib, calib_batches)
+            calibrate_activation_quantizers(target, [getattr(m, ATTR) for m, _ in hooked], calib, calib_batches)
     except BaseException:
         if inplace:
             _detach(parametrized, hooked)

@@ -10,60 +10,14 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .activations import attach_input_quantizer, input_quantizers
-from .functional import fake_quantize
-from .select import Selector, as_selector
-from .spec import QuantSpec
-from .validate import check_finite
+from ..activations import attach_input_quantizer, input_quantizers
+from ..calibrate import recalibrate_batchnorm, run_batches
+from ..functional import fake_quantize
+from ..select import Selector, as_selector
+from ..spec import QuantSpec
+from ..validate import check_finite
 
 log = logging.getLogger("qready.ptq")
-
-
-def batch_inputs(batch: object) -> torch.Tensor:
-    """The inputs of a batch: the tensor itself, or the first element of an ``(x, y)`` pair."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError("calibration batches must be tensors or (inputs, targets) pairs")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def run_batches(model: nn.Module, batches: Iterable, max_batches: int) -> int:
-    """Forward up to ``max_batches`` input batches through ``model``; returns how many ran."""
-    device = _device_of(model)
-    count = 0
-    for batch in batches:
-        if count >= max_batches:
-            break
-        model(batch_inputs(batch).to(device))
-        count += 1
-    return count
-
-
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int) -> None:
-    """Re-estimate BatchNorm running statistics (cumulative average) on ``batches``."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    was_training = model.training
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        run_batches(model, batches, max_batches)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.train(was_training)
 
 
 def ptq(

@@ -36,9 +36,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..spec import check_bits
 from .codebook import channel_groups, group_parts, kmeans_lut, snap
 from .kmeans import KMeansMethod
-from .spec import check_bits
 
 DKM_BITS: tuple[int, ...] = (1, 2, 3, 4)
 DKM_IMPLS: tuple[str, ...] = ("unique", "naive")
@@ -244,7 +244,7 @@ class DKMWeight(nn.Module):
         iters: centroid iterations per forward.
         impl: ``"unique"`` (:func:`dkm_unique`) or ``"naive"`` (:func:`dkm_naive`).
         chunk: attention chunk size of the ``"unique"`` implementation.
-        kmeans_method: how the initial centroids are found (see :func:`~qready.quant.kmeans.kmeans1d`).
+        kmeans_method: how the initial centroids are found (see :func:`~qready.quant.palettize.kmeans.kmeans1d`).
     """
 
     def __init__(self, weight: torch.Tensor, bits: int, *, group_size: int | None = None, tau: float = 0.05,

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import ActivationQuantizer
-from .functional import compute_qparams, fake_quantize
-from .grid import from_rows, to_rows
-from .ranges import MIN_SCALE, scale_zero_point_from_range
-from .spec import QuantParams, QuantSpec
+from ..activations import ActivationQuantizer
+from ..functional import compute_qparams, fake_quantize
+from ..grid import from_rows, to_rows
+from ..ranges import MIN_SCALE, scale_zero_point_from_range
+from ..spec import QuantParams, QuantSpec
 
 # --------------------------------------------------------------------------- gradient helpers
 
@@ -369,7 +369,7 @@ class EWGSMixin:
     """What the EWGS weight and activation quantizers share: ``delta`` and the Hessian probe capture.
 
     With ``capture = True`` the next forward stores its normalised quantized values (``x_q``, still
-    in the autograd graph) in ``captured``; :mod:`qready.quant.hessian` uses them to estimate ``delta``.
+    in the autograd graph) in ``captured``; :mod:`qready.quant.qat.hessian` uses them to estimate ``delta``.
     """
 
     capture: bool = False

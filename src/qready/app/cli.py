@@ -10,7 +10,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 
 def _bits_list(text: str) -> list[int | str]:
@@ -31,7 +31,7 @@ def _csv(text: str) -> list[str]:
 def _load(recipe_path: str, overrides: list[str]):
     import yaml
 
-    from .recipe import RecipeError, apply_overrides, load_recipe
+    from ..recipe import RecipeError, apply_overrides, load_recipe
 
     path = Path(recipe_path)
     if not path.is_file():
@@ -41,13 +41,13 @@ def _load(recipe_path: str, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runner import default_run_dir, train_recipe
+    from .stages import default_run_dir, train_recipe
 
     recipe = _load(args.recipe, args.set)
     if recipe.grid:
         raise ValueError("this recipe holds a grid of experiments: run it with `qready run`")
     run_dir = default_run_dir(recipe, args.out)
-    from .train.distributed import cleanup_distributed, init_distributed, is_main_process
+    from ..train.distributed import cleanup_distributed, init_distributed, is_main_process
 
     device = init_distributed()  # under torchrun: gloo on CPU, NCCL on GPUs; None for one process
     main_process = is_main_process()
@@ -62,10 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .runner import prepare_from_checkpoint, show_sweep
+    from .stages import prepare_from_checkpoint, show_sweep
 
     prepared = prepare_from_checkpoint(Path(args.checkpoint), data_root=args.data_root)
-    from .runner import sweep_recipe
+    from .stages import sweep_recipe
 
     rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range)
     show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
@@ -82,8 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     root = run_recipe(args.recipe, Path(args.out) if args.out else None, force=args.force,
                       progress=not args.no_progress, overrides=args.set, on_stage=on_stage)
-    from .evaluate.html import comparison_table, load_experiments
-    from .evaluate.report import print_table
+    from ..evaluate.report import print_table
+    from .comparison import comparison_table, load_experiments
 
     header, lines, _ = comparison_table(load_experiments(root))
     print_table(header, lines, title=f"qready run {root}")
@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate.html import write_comparison
+    from .comparison import write_comparison
 
     md, page = write_comparison(Path(args.run_dir))
     print(f"wrote {md} and {page}")
@@ -100,14 +100,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .evaluate.inspect import inspect_command
+    from .commands import inspect_command
 
     return inspect_command(args.checkpoint, batches=args.batches, bits=tuple(args.bits), as_json=args.json,
                            data_root=args.data_root)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .runner import export_checkpoint
+    from .stages import export_checkpoint
 
     sizes = export_checkpoint(Path(args.checkpoint), fmt=args.format, bits=args.bits, a_bits=args.a_bits,
                               out=Path(args.out) if args.out else None, data_root=args.data_root)
@@ -119,8 +119,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .recipe import load_recipe
-    from .runner import show_sweep, sweep_recipe, train_recipe, write_report
+    from ..recipe import load_recipe
+    from .stages import show_sweep, sweep_recipe, train_recipe, write_report
 
     start = time.perf_counter()
     with resources.as_file(resources.files("qready") / "recipes" / "demo.yaml") as path:

@@ -19,151 +19,50 @@ Under ``torchrun`` (an initialised process group of more than one process) ``fit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import random
 import time
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import Tensor, nn
 
 from ..evaluate.metrics import batch_to_device, evaluate
 from . import distributed
-from .checkpoint import CheckpointError, checkpoint_exists, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_exists, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler
+from .groups import build_param_groups
 from .guards import NonFiniteError, check_finite, first_nonfinite
+from .state import loader_generators, restore, rng_state, seed_everything
+from .stats import EpochStats, format_epoch, jsonable, progress_bar, write_lines
+from .step import (
+    LossTerm,
+    StandardStep,
+    StepContext,
+    StepStrategy,
+    StopTraining,
+    is_active,
+    make_compute_loss,
+    named_terms,
+)
 
 logger = logging.getLogger("qready.train")
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
-RESERVED_METRICS = frozenset(
-    {"epoch", "train_loss", "train_acc", "task_loss", "val_loss", "val_acc", "lr", "skipped_steps", "time_s"}
-)
 RESERVED_META = frozenset(
     {"epoch", "metrics", "history", "train_config", "loss_terms", "step_strategy",
      "qready_version", "format_version", "files"}
 )
 
-
-@runtime_checkable
-class LossTerm(Protocol):
-    """A scalar added to the task loss, e.g. a regularizer (usually an ``nn.Module``).
-
-    Optional attributes: ``name: str`` (metric key ``term/<name>``; defaults to the class or function
-    name), ``active(epoch) -> bool`` (skipped for epochs where it is False), ``needs_graph: bool``
-    (the task loss passed in must still have its graph, e.g. for ``autograd.grad(...,
-    create_graph=True)``). Terms are called in order, each with the task loss only.
-    """
-
-    def __call__(self, model: nn.Module, loss: Tensor | None = None) -> Tensor: ...
-
-
-@runtime_checkable
-class StepStrategy(Protocol):
-    """Performs the optimizer update for one batch and returns the step's total loss.
-
-    ``ctx.compute_loss()`` raises :class:`NonFiniteError` for a NaN/Inf loss and
-    ``ctx.clip_gradients()`` for a NaN/Inf gradient norm; the loop then skips or stops per
-    ``TrainConfig.nonfinite``. A strategy must not have updated the weights when such an error leaves
-    it: one that perturbs weights (SAM) restores them in a ``finally`` block.
-    """
-
-    def step(self, ctx: StepContext) -> Tensor: ...
-
-
-class StopTraining(Exception):
-    """Raised by a callback to end :func:`fit` after the current epoch (logged and checkpointed)."""
-
-
-@dataclass
-class StepContext:
-    """Everything a :class:`StepStrategy` needs for one batch.
-
-    ``compute_loss()`` runs forward + task loss + active loss terms and returns ``(total, parts)``
-    where ``parts`` maps ``"task"`` and each term name to its detached value. ``step`` is the global
-    0-based step index (``epoch * steps_per_epoch + batch index``). Train accuracy and per-term
-    metrics come from the first ``compute_loss()`` call of the step. ``model`` is the unwrapped module
-    even under DDP; ``net`` is what the forward runs through (the DDP wrapper, or ``model``).
-    """
-
-    model: nn.Module
-    batch: tuple[Tensor, Tensor]
-    optimizer: torch.optim.Optimizer
-    compute_loss: Callable[[], tuple[Tensor, dict[str, Tensor]]]
-    epoch: int
-    step: int
-    grad_clip: float | None = None
-    logs: dict[str, float] = field(default_factory=dict)
-    net: nn.Module | None = field(default=None, repr=False)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        """Under DDP: a context in which forward + backward keep gradients local (not averaged over
-        processes; e.g. the ascent pass of SAM); they are averaged at the next synchronised backward.
-        Does nothing for a single process."""
-        return distributed.no_sync(self.net) if self.net is not None else contextlib.nullcontext()
-
-    @property
-    def params(self) -> list[Tensor]:
-        """Every parameter the optimizer updates."""
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-    def clip_gradients(self) -> float:
-        """Clip to ``grad_clip`` (when set) and return the total gradient 2-norm before clipping.
-
-        Raises :class:`NonFiniteError` when the norm is NaN/Inf (call before ``optimizer.step()``).
-        """
-        grads = [p for p in self.params if p.grad is not None]
-        if not grads:
-            return 0.0
-        if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip)
-        else:
-            dev = grads[0].grad.device
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.detach()).to(dev) for p in grads])
-            )
-        value = float(norm)
-        if not math.isfinite(value):
-            raise NonFiniteError(f"gradient norm is {value}")
-        return value
-
-    def log(self, name: str, value: float | Tensor) -> None:
-        """Record a per-step scalar; its epoch mean appears in the metrics under ``name``."""
-        if name in RESERVED_METRICS or name.startswith("term/"):
-            raise ValueError(f"step log name {name!r} is reserved for the loop's own metrics")
-        self.logs[name] = float(value.detach()) if isinstance(value, Tensor) else float(value)
-
-
-class StandardStep:
-    """zero_grad -> compute_loss -> backward -> clip (optional) -> optimizer.step; logs ``grad_norm``."""
-
-    def step(self, ctx: StepContext) -> Tensor:
-        ctx.optimizer.zero_grad(set_to_none=True)
-        total, _ = ctx.compute_loss()
-        total.backward()
-        ctx.log("grad_norm", ctx.clip_gradients())
-        ctx.optimizer.step()
-        return total.detach()
+__all__ = ["LossTerm", "StandardStep", "StepContext", "StepStrategy", "StopTraining", "TrainResult", "fit",
+           "seed_everything"]
 
 
 @dataclass
@@ -177,92 +76,31 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class _Run:
+    """The state of one :func:`fit` call shared by its per-batch and end-of-epoch functions."""
 
+    model: nn.Module
+    net: nn.Module
+    cfg: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    strategy: StepStrategy
+    criterion: nn.Module
+    terms: list[tuple[str, Any]]
+    outside: list[Tensor]
+    generators: list[torch.Generator]
+    device: torch.device
+    steps_per_epoch: int
+    main: bool
+    user_meta: dict[str, Any]
+    run_path: Path | None
+    ckpt_path: Path | None
+    history: list[dict]
 
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _term_name(term: Any) -> str:
-    name = getattr(term, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    if isinstance(term, nn.Module) or not hasattr(term, "__name__"):
-        return type(term).__name__
-    return str(term.__name__)
-
-
-def _named_terms(loss_terms: Iterable[Any]) -> list[tuple[str, Any]]:
-    named: list[tuple[str, Any]] = []
-    used = {"task"}
-    for term in loss_terms:
-        if not callable(term):
-            raise TypeError(f"loss term {term!r} is not callable")
-        base = _term_name(term)
-        name, k = base, 2
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        named.append((name, term))
-    return named
-
-
-def _is_active(term: Any, epoch: int) -> bool:
-    active = getattr(term, "active", None)
-    if active is None:
-        return True
-    return bool(active(epoch)) if callable(active) else bool(active)
-
-
-def _build_param_groups(
-    model: nn.Module, terms: Sequence[tuple[str, Any]], extra_groups: Sequence[Mapping[str, Any]] | None
-) -> tuple[list[dict[str, Any]], list[Tensor]]:
-    """Optimizer groups ``[model, *term groups, *extra groups]`` with each parameter in exactly one.
-
-    Also returns the extra-group parameters owned by neither the model nor a term module (their
-    values are checkpointed separately).
-    """
-    claimed: dict[int, int] = {}
-    extras: list[dict[str, Any]] = []
-    for i, group in enumerate(extra_groups or ()):
-        if not isinstance(group, Mapping) or "params" not in group:
-            raise ValueError(f"param_groups[{i}] must be a dict with a 'params' entry")
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for p in params:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"param_groups[{i}]['params'] holds a {type(p).__name__}, not a tensor")
-            if id(p) in claimed:
-                raise ValueError(f"a parameter appears in both param_groups[{claimed[id(p)]}] and param_groups[{i}]")
-            claimed[id(p)] = i
-        extras.append({**group, "params": params})
-
-    groups: list[dict[str, Any]] = []
-    model_ids = {id(p) for p in model.parameters()}
-    model_params = [p for p in model.parameters() if id(p) not in claimed]
-    if model_params:
-        groups.append({"params": model_params})
-    seen = set(claimed) | model_ids
-    owned = set(model_ids)
-    for _, term in terms:
-        if isinstance(term, nn.Module):
-            params = []
-            for p in term.parameters():
-                owned.add(id(p))
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-            if params:
-                groups.append({"params": params})
-    groups.extend(g for g in extras if g["params"])
-    outside = [p for g in extras for p in g["params"] if id(p) not in owned]
-    if not groups:
-        raise ValueError("nothing to optimize: the model, loss terms and param_groups have no parameters")
-    return groups, outside
+    @property
+    def distributed(self) -> bool:
+        return self.net is not self.model
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -284,261 +122,16 @@ def _steps_per_epoch(loader: Iterable) -> int:
     return n
 
 
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects that decide a DataLoader's shuffling (deduplicated)."""
-    found: list[torch.Generator] = []
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for obj in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        g = getattr(obj, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not h for h in found):
-            found.append(g)
-    return found
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {
-            "version": py_state[0],
-            "state": torch.tensor(py_state[1], dtype=torch.int64),
-            "gauss": py_state[2],
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state(
-        ("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-         npst["cached_gaussian"])
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _jsonable(value: Any) -> Any:
-    """Metrics as plain JSON: 1-element tensors/numpy scalars -> float, NaN/Inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return repr(value)
-
-
-def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def _progress(enabled: bool) -> Progress:
-    console = Console()
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
-
-
-def _describe_nonfinite(total: Tensor, parts: Mapping[str, Tensor]) -> str:
-    bad = [f"{'task loss' if k == 'task' else f'loss term {k!r}'}={float(v)}"
-           for k, v in parts.items() if not math.isfinite(float(v))]
-    return f"loss is {float(total.detach())} (non-finite: {', '.join(bad) or 'the sum'})"
-
-
-def _make_compute_loss(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    criterion: nn.Module,
-    terms: Sequence[tuple[str, Any]],
-    record: dict[str, Any],
-    net: nn.Module | None = None,
-) -> Callable[[], tuple[Tensor, dict[str, Tensor]]]:
-    """``model`` is what terms see; the forward runs through ``net`` (its DDP wrapper) when given."""
-    forward = net if net is not None else model
-
-    def compute_loss() -> tuple[Tensor, dict[str, Tensor]]:
-        out = forward(x)
-        task = criterion(out, y)
-        total = task
-        parts: dict[str, Tensor] = {"task": task.detach()}
-        for name, term in terms:
-            if getattr(term, "needs_graph", False) and not task.requires_grad:
-                raise RuntimeError(f"loss term {name!r} needs the task loss graph, but the task loss does "
-                                   "not require grad (was compute_loss called under torch.no_grad()?)")
-            graph = getattr(term, "needs_graph", False) and net is not None
-            with distributed.global_gradients(net) if graph else contextlib.nullcontext():
-                value = term(model, task)
-            if not isinstance(value, Tensor):
-                value = torch.as_tensor(value, dtype=task.dtype, device=task.device)
-            if value.numel() != 1:
-                raise ValueError(f"loss term {name!r} must return a scalar; got shape {tuple(value.shape)}")
-            value = value.reshape(())
-            parts[name] = value.detach()
-            total = total + value
-        finite = bool(torch.isfinite(total.detach()))
-        if not distributed.all_agree(finite, total.device):
-            raise NonFiniteError(_describe_nonfinite(total, parts) if not finite
-                                 else "the loss is non-finite on another process")
-        if "parts" not in record:
-            record["outputs"] = out.detach()
-            record["parts"] = parts
-        return total, parts
-
-    return compute_loss
-
-
-class _EpochStats:
-    """Running sums for one epoch's metrics."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.loss_sum = 0.0
-        self.task_sum = 0.0
-        self.correct = 0
-        self.acc_n = 0
-        self.skipped = 0
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def add(self, loss: float, record: Mapping[str, Any], logs: Mapping[str, float], y: Tensor) -> None:
-        n = int(y.shape[0]) if y.dim() > 0 else 1
-        self.n += n
-        self.loss_sum += loss * n
-        parts = record.get("parts")
-        if parts is not None:
-            self.task_sum += float(parts["task"]) * n
-            for name, value in parts.items():
-                if name != "task":
-                    self._mean_add(f"term/{name}", float(value))
-            out = record["outputs"]
-            if out.dim() == 2:
-                target = y.argmax(dim=1) if y.dim() == 2 else y
-                self.correct += int((out.argmax(dim=1) == target).sum())
-                self.acc_n += n
-        for name, value in logs.items():
-            self._mean_add(name, value)
-
-    def _mean_add(self, key: str, value: float) -> None:
-        self.sums[key] += value
-        self.counts[key] += 1
-
-    @classmethod
-    def combine(cls, parts: Sequence[_EpochStats]) -> _EpochStats:
-        """The stats of all processes' batches together (``skipped`` steps are global: the same on each)."""
-        out = cls()
-        for part in parts:
-            out.n += part.n
-            out.loss_sum += part.loss_sum
-            out.task_sum += part.task_sum
-            out.correct += part.correct
-            out.acc_n += part.acc_n
-            for key, value in part.sums.items():
-                out.sums[key] += value
-                out.counts[key] += part.counts[key]
-        out.skipped = max(part.skipped for part in parts)
-        return out
-
-    def metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "train_loss": self.loss_sum / self.n if self.n else None,
-            "train_acc": 100.0 * self.correct / self.acc_n if self.acc_n else None,
-            "task_loss": self.task_sum / self.n if self.n else None,
-        }
-        out.update({k: self.sums[k] / self.counts[k] for k in sorted(self.sums)})
-        out["skipped_steps"] = self.skipped
-        return out
-
-
-# ------------------------------------------------------------------------------------------- fit
-
-
-def _restore(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    terms: Sequence[tuple[str, Any]],
-    outside: Sequence[Tensor],
-    generators: Sequence[torch.Generator],
-    cfg: TrainConfig,
-) -> tuple[list[dict], int]:
-    ckpt = load_checkpoint(path, map_location="cpu")
-    state_file = ckpt.path / "train_state.pt"
-    if ckpt.train_state is None or not isinstance(ckpt.meta.get("epoch"), int):
-        raise CheckpointError(f"{ckpt.path} is a weights-only checkpoint ({state_file} or the epoch in "
-                              "meta.json is missing); it cannot be resumed")
+def _check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    user_meta = dict(meta or {})
+    clash = sorted(RESERVED_META & user_meta.keys())
+    if clash:
+        raise ValueError(f"meta keys {clash} are reserved for the training loop")
     try:
-        model.load_state_dict(ckpt.state_dict)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint file {ckpt.path / 'model.safetensors'} does not fit the model: {e}") from e
-    ts = ckpt.train_state
-    extra = ts.get("extra") or {}
-    try:
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        saved_terms = extra.get("loss_terms", [])
-        if len(saved_terms) != len(terms):
-            raise ValueError(f"it holds {len(saved_terms)} loss term(s), this run has {len(terms)}")
-        for (_, term), sd in zip(terms, saved_terms, strict=True):
-            if isinstance(term, nn.Module) and sd is not None:
-                term.load_state_dict(sd)
-        saved_outside = extra.get("outside_params", [])
-        if len(saved_outside) != len(outside):
-            raise ValueError(f"it holds {len(saved_outside)} extra parameter(s), this run has {len(outside)}")
-        with torch.no_grad():
-            for p, v in zip(outside, saved_outside, strict=True):
-                p.copy_(v)
-        by_rank = extra.get("rng_by_rank")
-        same_world = isinstance(by_rank, list) and len(by_rank) == distributed.world_size()
-        _set_rng_state(by_rank[distributed.rank()] if same_world else extra["rng"])
-        saved_gens = extra.get("loader_generators", [])
-        if len(saved_gens) == len(generators):
-            for g, s in zip(generators, saved_gens, strict=True):
-                g.set_state(s)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint file {state_file} does not match this run "
-                              f"(model/loss terms/param_groups/optimizer must be the same): {e}") from e
-    saved_cfg = ckpt.meta.get("train_config")
-    if isinstance(saved_cfg, dict):
-        diff = sorted(k for k, v in cfg.to_dict().items() if k in saved_cfg and saved_cfg[k] != v)
-        if diff and distributed.is_main_process():
-            logger.warning("resuming %s with a different TrainConfig (%s); the schedule continues from the "
-                           "saved step with the new settings", path, ", ".join(diff))
-    history = list(ckpt.meta.get("history", []))
-    if distributed.is_main_process():
-        logger.info("resumed from %s after epoch %d/%d", ckpt.path, ckpt.meta["epoch"] + 1, cfg.epochs)
-    return history, ckpt.meta["epoch"] + 1
+        json.dumps(user_meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"meta must be JSON-serializable: {e}") from e
+    return user_meta
 
 
 def fit(
@@ -588,14 +181,7 @@ def fit(
         raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
     if resume and run_dir is None:
         raise ValueError("resume=True needs a run_dir holding the checkpoint")
-    user_meta = dict(meta or {})
-    clash = sorted(RESERVED_META & user_meta.keys())
-    if clash:
-        raise ValueError(f"meta keys {clash} are reserved for the training loop")
-    try:
-        json.dumps(user_meta, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"meta must be JSON-serializable: {e}") from e
+    user_meta = _check_meta(meta)
     strategy = step_strategy if step_strategy is not None else StandardStep()
     if not callable(getattr(strategy, "step", None)):
         raise TypeError(f"step_strategy must have a step(ctx) method; got {type(strategy).__name__}")
@@ -606,16 +192,15 @@ def fit(
     dev = _resolve_device(model, device)
     if device is not None:
         model.to(dev)
-    terms = _named_terms(loss_terms)
+    terms = named_terms(loss_terms)
     for _, term in terms:
         if isinstance(term, nn.Module):
             term.to(dev)
-    groups, outside = _build_param_groups(model, terms, param_groups)
+    groups, outside = build_param_groups(model, terms, param_groups)
     optimizer = build_optimizer(groups, cfg)
     steps_per_epoch = _steps_per_epoch(train_loader)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    generators = _loader_generators(train_loader)
+    generators = loader_generators(train_loader)
 
     run_path = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / CHECKPOINT_DIR if run_path is not None else None
@@ -624,22 +209,18 @@ def fit(
     if run_path is not None and ckpt_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
         if resume and checkpoint_exists(ckpt_path):
-            history, start = _restore(ckpt_path, model, optimizer, scheduler, terms, outside, generators, cfg)
+            history, start = restore(ckpt_path, model, optimizer, scheduler, terms, outside, generators, cfg)
         elif resume and main:
             logger.warning("resume=True but there is no checkpoint at %s; starting from scratch", ckpt_path)
         if main:
-            _write_lines(run_path / METRICS_FILE, history)
+            write_lines(run_path / METRICS_FILE, history)
 
     net = distributed.maybe_wrap_ddp(model, dev)
-    sync: distributed.GradSync | None = None
-    if net is not model:
-        if main and not distributed.is_sharded(train_loader):
-            logger.warning("distributed training with a train_loader that has no DistributedSampler: every "
-                           "process trains on the same batches")
-        term_tensors = [t for _, term in terms if isinstance(term, nn.Module) for t in term.state_dict().values()]
-        distributed.broadcast_tensors([*term_tensors, *outside])
-        term_params = [p for _, term in terms if isinstance(term, nn.Module) for p in term.parameters()]
-        sync = distributed.GradSync(list({id(p): p for p in [*term_params, *outside]}.values()), net)
+    run = _Run(model=model, net=net, cfg=cfg, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
+               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), terms=terms,
+               outside=outside, generators=generators, device=dev, steps_per_epoch=steps_per_epoch, main=main,
+               user_meta=user_meta, run_path=run_path, ckpt_path=ckpt_path, history=history)
+    sync = _setup_distributed(run, train_loader) if run.distributed else None
     was_training = model.training
     stopped = False
     try:
@@ -649,102 +230,16 @@ def fit(
                 for g in generators:
                     g.manual_seed(seed + epoch)
             distributed.set_epoch(train_loader, epoch)
-            active = [(n, t) for n, t in terms if _is_active(t, epoch)]
+            active = [(n, t) for n, t in terms if is_active(t, epoch)]
             lr = float(optimizer.param_groups[0]["lr"])
-            stats = _EpochStats()
+            stats = EpochStats()
             model.train()
-            with _progress(progress and main) as bar:
+            with progress_bar(progress and main) as bar:
                 task_id = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, loss=math.nan)
                 for i, batch in enumerate(train_loader):
-                    x, y = batch_to_device(batch, dev)
-                    record: dict[str, Any] = {}
-                    ctx = StepContext(
-                        model=model,
-                        batch=(x, y),
-                        optimizer=optimizer,
-                        compute_loss=_make_compute_loss(
-                            model, x, y, criterion, active, record, net if net is not model else None
-                        ),
-                        epoch=epoch,
-                        step=epoch * steps_per_epoch + i,
-                        grad_clip=cfg.grad_clip,
-                        net=net,
-                    )
-                    value = math.nan
-                    try:
-                        value = float(strategy.step(ctx))
-                        if not math.isfinite(value):
-                            raise NonFiniteError(f"the step strategy returned loss {value} "
-                                                 "(its update was already applied)")
-                    except NonFiniteError as e:
-                        optimizer.zero_grad(set_to_none=True)
-                        where = f"epoch {epoch + 1}/{cfg.epochs}, step {i + 1}/{steps_per_epoch}"
-                        if cfg.nonfinite == "stop":
-                            last = f"; the last checkpoint ({ckpt_path}) is untouched" if ckpt_path else ""
-                            raise NonFiniteError(
-                                f"{where}: {e}; stopping because TrainConfig.nonfinite='stop'{last}"
-                            ) from e
-                        if main:
-                            logger.warning("%s: %s; skipping this update (TrainConfig.nonfinite='skip')", where, e)
-                        stats.skipped += 1
-                    else:
-                        stats.add(value, record, ctx.logs, y)
-                    with warnings.catch_warnings():
-                        # a skipped first update makes torch warn about step order; harmless here
-                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                        scheduler.step()
+                    value = _train_batch(run, batch, epoch, i, active, stats)
                     bar.update(task_id, advance=1, loss=value)
-
-            if net is not model:
-                stats = _EpochStats.combine(distributed.gather_objects(stats))
-            val = evaluate(model, val_loader, device=dev) if val_loader is not None and main else None
-            val = distributed.broadcast_object(val)
-            _check_weights(model, terms, outside, epoch, cfg, ckpt_path, dev)
-            metrics: dict[str, Any] = {"epoch": epoch, **stats.metrics()}
-            metrics["val_loss"] = val["loss"] if val is not None else None
-            metrics["val_acc"] = val["accuracy"] if val is not None else None
-            metrics["lr"] = lr
-            metrics["time_s"] = time.perf_counter() - t0
-            if stats.skipped and main:
-                logger.warning("epoch %d/%d: %d of %d steps skipped for non-finite loss/gradients",
-                               epoch + 1, cfg.epochs, stats.skipped, steps_per_epoch)
-            for cb in callbacks:
-                try:
-                    cb(epoch, metrics, model)
-                except StopTraining:
-                    stopped = True
-            stopped = not distributed.all_agree(not stopped, dev)
-            clean = _jsonable(metrics)
-            history.append(clean)
-            if main:
-                logger.info("%s", _format_epoch(clean, cfg.epochs))
-            rng_by_rank = distributed.gather_objects(_rng_state()) if net is not model else None
-            if run_path is not None and ckpt_path is not None and main:
-                with open(run_path / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(clean, allow_nan=False) + "\n")
-                save_checkpoint(
-                    ckpt_path,
-                    model,
-                    meta={
-                        **user_meta,
-                        "epoch": epoch,
-                        "metrics": clean,
-                        "history": history,
-                        "train_config": cfg.to_dict(),
-                        "loss_terms": [n for n, _ in terms],
-                        "step_strategy": type(strategy).__name__,
-                    },
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    extra_state={
-                        "rng": _rng_state(),
-                        "loader_generators": [g.get_state() for g in generators],
-                        "loss_terms": [t.state_dict() if isinstance(t, nn.Module) else None for _, t in terms],
-                        "outside_params": [p.detach().to("cpu", copy=True) for p in outside],
-                        **({"rng_by_rank": rng_by_rank} if rng_by_rank is not None else {}),
-                    },
-                )
-            distributed.barrier()
+            stopped = _end_epoch(run, epoch, stats, lr, time.perf_counter() - t0, val_loader, callbacks)
             if stopped:
                 if main:
                     logger.info("training stopped by a callback after epoch %d/%d", epoch + 1, cfg.epochs)
@@ -759,6 +254,123 @@ def fit(
         model=model,
         run_dir=run_path,
         stopped_early=stopped,
+    )
+
+
+def _setup_distributed(run: _Run, train_loader: Iterable) -> distributed.GradSync:
+    """Same loss-term state and extra parameters on every process; their gradients averaged by hooks."""
+    if run.main and not distributed.is_sharded(train_loader):
+        logger.warning("distributed training with a train_loader that has no DistributedSampler: every "
+                       "process trains on the same batches")
+    modules = [term for _, term in run.terms if isinstance(term, nn.Module)]
+    distributed.broadcast_tensors([*(t for m in modules for t in m.state_dict().values()), *run.outside])
+    term_params = [p for m in modules for p in m.parameters()]
+    return distributed.GradSync(list({id(p): p for p in [*term_params, *run.outside]}.values()), run.net)
+
+
+def _train_batch(run: _Run, batch: Any, epoch: int, i: int, active: Sequence[tuple[str, Any]],
+                 stats: EpochStats) -> float:
+    """One update (the step strategy), non-finite handling per ``TrainConfig.nonfinite``, the scheduler
+    step and the statistics; returns the step's loss (NaN when skipped)."""
+    cfg = run.cfg
+    x, y = batch_to_device(batch, run.device)
+    record: dict[str, Any] = {}
+    ctx = StepContext(
+        model=run.model,
+        batch=(x, y),
+        optimizer=run.optimizer,
+        compute_loss=make_compute_loss(run.model, x, y, run.criterion, active, record,
+                                       run.net if run.distributed else None),
+        epoch=epoch,
+        step=epoch * run.steps_per_epoch + i,
+        grad_clip=cfg.grad_clip,
+        net=run.net,
+    )
+    value = math.nan
+    try:
+        value = float(run.strategy.step(ctx))
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the step strategy returned loss {value} (its update was already applied)")
+    except NonFiniteError as e:
+        run.optimizer.zero_grad(set_to_none=True)
+        where = f"epoch {epoch + 1}/{cfg.epochs}, step {i + 1}/{run.steps_per_epoch}"
+        if cfg.nonfinite == "stop":
+            last = f"; the last checkpoint ({run.ckpt_path}) is untouched" if run.ckpt_path else ""
+            raise NonFiniteError(f"{where}: {e}; stopping because TrainConfig.nonfinite='stop'{last}") from e
+        if run.main:
+            logger.warning("%s: %s; skipping this update (TrainConfig.nonfinite='skip')", where, e)
+        stats.skipped += 1
+    else:
+        stats.add(value, record, ctx.logs, y)
+    with warnings.catch_warnings():
+        # a skipped first update makes torch warn about step order; harmless here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        run.scheduler.step()
+    return value
+
+
+def _end_epoch(run: _Run, epoch: int, stats: EpochStats, lr: float, seconds: float,
+               val_loader: Iterable | None, callbacks: Sequence[Callable[[int, dict, nn.Module], Any]]) -> bool:
+    """Combine statistics over processes, validate, check weights, run callbacks, log, append the metrics
+    line and checkpoint. Returns whether a callback stopped training (agreed over processes)."""
+    cfg, model, main = run.cfg, run.model, run.main
+    if run.distributed:
+        stats = EpochStats.combine(distributed.gather_objects(stats))
+    val = evaluate(model, val_loader, device=run.device) if val_loader is not None and main else None
+    val = distributed.broadcast_object(val)
+    _check_weights(model, run.terms, run.outside, epoch, cfg, run.ckpt_path, run.device)
+    metrics: dict[str, Any] = {"epoch": epoch, **stats.metrics()}
+    metrics["val_loss"] = val["loss"] if val is not None else None
+    metrics["val_acc"] = val["accuracy"] if val is not None else None
+    metrics["lr"] = lr
+    metrics["time_s"] = seconds
+    if stats.skipped and main:
+        logger.warning("epoch %d/%d: %d of %d steps skipped for non-finite loss/gradients",
+                       epoch + 1, cfg.epochs, stats.skipped, run.steps_per_epoch)
+    stopped = False
+    for cb in callbacks:
+        try:
+            cb(epoch, metrics, model)
+        except StopTraining:
+            stopped = True
+    stopped = not distributed.all_agree(not stopped, run.device)
+    clean = jsonable(metrics)
+    run.history.append(clean)
+    if main:
+        logger.info("%s", format_epoch(clean, cfg.epochs))
+    rng_by_rank = distributed.gather_objects(rng_state()) if run.distributed else None
+    if run.run_path is not None and run.ckpt_path is not None and main:
+        with open(run.run_path / METRICS_FILE, "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        _save(run, epoch, clean, rng_by_rank)
+    distributed.barrier()
+    return stopped
+
+
+def _save(run: _Run, epoch: int, metrics: dict, rng_by_rank: list | None) -> None:
+    """Checkpoint weights, optimizer, scheduler, loss-term state and every RNG state after ``epoch``."""
+    assert run.ckpt_path is not None
+    save_checkpoint(
+        run.ckpt_path,
+        run.model,
+        meta={
+            **run.user_meta,
+            "epoch": epoch,
+            "metrics": metrics,
+            "history": run.history,
+            "train_config": run.cfg.to_dict(),
+            "loss_terms": [n for n, _ in run.terms],
+            "step_strategy": type(run.strategy).__name__,
+        },
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        extra_state={
+            "rng": rng_state(),
+            "loader_generators": [g.get_state() for g in run.generators],
+            "loss_terms": [t.state_dict() if isinstance(t, nn.Module) else None for _, t in run.terms],
+            "outside_params": [p.detach().to("cpu", copy=True) for p in run.outside],
+            **({"rng_by_rank": rng_by_rank} if rng_by_rank is not None else {}),
+        },
     )
 
 
@@ -790,18 +402,3 @@ def _check_weights(
     if problem is not None:
         last = f"; the last checkpoint ({ckpt_path}) is untouched" if ckpt_path else ""
         raise NonFiniteError(f"epoch {epoch + 1}/{cfg.epochs}: training diverged, {problem}{last}")
-
-
-def _format_epoch(m: Mapping[str, Any], epochs: int) -> str:
-    def num(key: str, fmt: str) -> str:
-        v = m.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
-
-    parts = [f"epoch {m['epoch'] + 1}/{epochs}", f"train_loss={num('train_loss', '.4f')}",
-             f"train_acc={num('train_acc', '.2f')}%"]
-    if m.get("val_acc") is not None:
-        parts += [f"val_loss={num('val_loss', '.4f')}", f"val_acc={num('val_acc', '.2f')}%"]
-    parts += [f"lr={num('lr', '.3g')}", f"({num('time_s', '.1f')}s)"]
-    if m.get("skipped_steps"):
-        parts.append(f"skipped={m['skipped_steps']}")
-    return " ".join(parts)

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..batching import forward, model_device, output_tensor
 from ..quant.functional import compute_qparams, fake_quantize
 from ..quant.grid import to_rows
+from ..quant.layers import layer_spec
 from ..quant.select import Selector, as_selector, is_depthwise
 from ..quant.spec import QuantSpec
 from ..regularizers.stats import weight_stats
@@ -166,8 +168,8 @@ def _batch_losses(model: nn.Module, batches: Sequence, criterion: Criterion,
     """Per batch, ``criterion`` weighted by the batch's share of the samples: they sum to the mean loss."""
     total = sum(int(y.shape[0]) for _, y in batches)
     for batch in batches:
-        x, y = batch_to_device(batch, device)
-        yield criterion(model(x), y) * (y.shape[0] / total)
+        x, y = batch_to_device(batch, device, "diagnose")
+        yield criterion(output_tensor(forward(model, x)), y) * (y.shape[0] / total)
 
 
 def _loss(model: nn.Module, batches: Sequence, criterion: Criterion, device: torch.device) -> float:
@@ -248,12 +250,13 @@ def diagnose(
 
     Args:
         model: any ``nn.Module``; it is left unchanged (weights, ``.grad`` and train/eval mode).
-        batches: ``(x, y)`` batches; the first ``num_batches`` are used for the gradient and the
+        batches: labelled batches, ``(inputs, targets)`` or ``(dict, targets)``; the first ``num_batches`` are used for the gradient and the
             measurements (e.g. a training DataLoader).
         select: which layers (a :class:`Selector` or its keyword arguments); first/last flags refer to
             the selector's candidates.
         bits: weight bit widths (1-8) to estimate at; layers are ranked at the lowest.
-        spec: quantizer template (its ``bits`` is replaced); default per-channel symmetric min-max.
+        spec: quantizer template (its ``bits`` is replaced; per channel, each layer's own output-channel
+            axis); default per-channel symmetric min-max.
         num_batches: how many batches to use.
         measure: also measure the actual loss increase of quantizing each layer alone (one evaluation
             of the batches per layer and bit width).
@@ -275,11 +278,11 @@ def diagnose(
     for batch in batches:
         if len(cached) >= num_batches:
             break
-        cached.append(batch_to_device(batch, None))
+        cached.append(batch_to_device(batch, None, "diagnose"))
     if not cached:
         raise ValueError("batches: the iterable yielded no batch")
     criterion = criterion or nn.functional.cross_entropy
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     candidates = [name for name, _ in selector.candidates(model)]
     edges = {candidates[0]: "first", candidates[-1]: "last"}
 
@@ -299,8 +302,9 @@ def diagnose(
                 **stats,
                 "outlier_share": outlier_share(weight),
                 "grad_l1": float(grad.double().abs().sum()),
-                "sensitivity": {b: _step_l1(weight, grad, spec.with_bits(b)) for b in bit_list},
-                "measured": (_measure(model, weight, spec, bit_list, cached, criterion, device, base)
+                "sensitivity": {b: _step_l1(weight, grad, layer_spec(item.module, spec.with_bits(b))) for b in bit_list},
+                "measured": (_measure(model, weight, layer_spec(item.module, spec), bit_list, cached, criterion,
+                                      device, base)
                              if measure else None),
                 "position": edges.get(item.name),
             })

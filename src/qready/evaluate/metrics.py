@@ -1,4 +1,4 @@
-"""Classification metrics over a data loader."""
+"""Classification metrics over a data loader (batches in any form of :mod:`qready.batching`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..batching import Inputs, batch_inputs, batch_targets, forward, move_inputs, output_tensor
 
-def batch_to_device(batch, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split an ``(inputs, targets)`` batch and move both to ``device`` (no-op when ``None``)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError("a batch must be an (inputs, targets) pair")
-    x, y = batch[0], batch[1]
-    if device is not None:
-        x, y = x.to(device), y.to(device)
-    return x, y
+
+def batch_to_device(batch: object, device: torch.device | str | None,
+                    consumer: str = "evaluate") -> tuple[Inputs, torch.Tensor]:
+    """Inputs (a tensor or a dict of model keyword arguments) and targets of a labelled batch, moved
+    to ``device`` (no-op when ``None``); an unlabeled batch is refused with an error naming ``consumer``."""
+    targets = batch_targets(batch, consumer)
+    return move_inputs(batch_inputs(batch), device), targets if device is None else targets.to(device)
 
 
 @torch.no_grad()
@@ -28,6 +28,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross-entropy loss of ``model`` over ``loader``.
 
+    ``loader`` yields labelled batches, ``(inputs, targets)`` or ``(dict, targets)``; logits are the
+    model's output tensor (``.logits`` of a Hugging Face output), classes along dim 1.
+
     The model is put in eval mode for the pass and restored to its previous mode afterwards.
     Returns ``{"accuracy": float in [0, 100], "loss": float, "n": int}``.
     """
@@ -38,7 +41,7 @@ def evaluate(
     try:
         for batch in loader:
             x, y = batch_to_device(batch, device)
-            logits = model(x)
+            logits = output_tensor(forward(model, x))
             loss_sum += float(criterion(logits, y))
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())

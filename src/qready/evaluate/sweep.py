@@ -64,11 +64,12 @@ def sweep(
 
     Args:
         model: the trained float model (not modified).
-        data: evaluation batches ``(x, y)`` (e.g. a test DataLoader).
+        data: labelled evaluation batches, ``(inputs, targets)`` with inputs a tensor or a dict of model
+            keyword arguments (e.g. a test DataLoader).
         bits: settings: ints / ``"W4"`` for weight-only, ``(w, a)`` / ``"W4A8"`` for weights and activations.
         spec: weight quantizer template (its ``bits`` is replaced); default per-channel symmetric min-max.
         act_spec: activation quantizer template; default per-tensor asymmetric with ``spec.range``.
-        calib: calibration batches, required when a setting quantizes activations.
+        calib: calibration batches (any form of :mod:`qready.batching`), required when a setting quantizes activations.
         select: which modules to quantize.
         include_fp: add a first row for the float model.
     Returns:

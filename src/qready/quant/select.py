@@ -14,13 +14,8 @@ from typing import Literal
 
 from torch import nn
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Embedding,
-)
+from .layers import is_weight_layer, registered_types
+
 FirstLastPolicy = Literal["same", "float"] | int
 
 
@@ -49,7 +44,13 @@ class Selector:
     """Which modules a method touches.
 
     Args:
-        types: module classes to consider (default: Linear, Conv1d/2d/3d, Embedding).
+        types: module classes to consider; ``None`` (default): every weight-bearing layer type of
+            :mod:`qready.quant.layers` (Linear, Conv, ConvTranspose, Embedding, Hugging Face
+            ``Conv1D`` and any type added with ``register_layer``). Embeddings are selected by default:
+            in a small BERT they hold most of the weights, and quantizing them per token row costs
+            less output error than quantizing the Linear layers at the same bit width
+            (``benchmarks/embeddings.py``); exclude them by name (``exclude=("embeddings",)``) to
+            keep them in float.
         include: regexes; when given, a module's qualified name must match at least one (``re.search``).
         exclude: regexes; a module whose name matches any is skipped.
         skip_depthwise: skip depthwise convolutions (groups == in_channels).
@@ -58,7 +59,7 @@ class Selector:
             that bit width (e.g. 8).
     """
 
-    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
+    types: tuple[type[nn.Module], ...] | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_depthwise: bool = False
@@ -66,10 +67,11 @@ class Selector:
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "types", tuple(self.types))
+        if self.types is not None:
+            object.__setattr__(self, "types", tuple(self.types))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        for t in self.types:
+        for t in self.types or ():
             if not (isinstance(t, type) and issubclass(t, nn.Module)):
                 raise TypeError(f"Selector.types must hold nn.Module subclasses, got {t!r}")
         fl = self.first_last
@@ -84,12 +86,20 @@ class Selector:
             raise ValueError(f"Selector: invalid regex ({err})") from err
         object.__setattr__(self, "_compiled", compiled)
 
+    def accepts_type(self, module: nn.Module) -> bool:
+        """True when ``module``'s type passes the type filter."""
+        return is_weight_layer(module) if self.types is None else isinstance(module, self.types)
+
+    def type_names(self) -> list[str]:
+        """Names of the accepted types (for messages)."""
+        return registered_types() if self.types is None else [t.__name__ for t in self.types]
+
     def candidates(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Modules that pass the type, name and depthwise filters, in definition order."""
         include, exclude = self._compiled
         out = []
         for name, mod in model.named_modules():
-            if not isinstance(mod, self.types) or getattr(mod, "weight", None) is None:
+            if not self.accepts_type(mod) or getattr(mod, "weight", None) is None:
                 continue
             if include and not any(p.search(name) for p in include):
                 continue

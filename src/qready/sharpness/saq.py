@@ -43,8 +43,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..quant.layers import is_weight_layer
 from ..quant.qat.quantizers import ActivationQAT
-from ..quant.select import DEFAULT_TYPES
 from ..train import StepContext, distributed
 from .ascent import RhoLike, check_adaptive, check_eta, check_rho_like, rho_at
 from .perturbation import Perturbation, attach_perturbation, detach_perturbation
@@ -68,7 +68,7 @@ def _direct_targets(model: nn.Module, act_clip: bool, norm: bool, bias: bool) ->
             found.setdefault(id(t), t)
 
     for m in model.modules():
-        if isinstance(m, DEFAULT_TYPES):
+        if is_weight_layer(m):
             if not parametrize.is_parametrized(m, "weight"):
                 add(getattr(m, "weight", None))
             if bias:

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from ..activations import ATTR, attach_input_module
 from ..calibrate import run_batches
+from ..layers import out_axis, takes_index_inputs
 from ..select import SelectedModule, Selector, as_selector
 from ..spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
 from ..validate import check_finite
@@ -79,7 +80,7 @@ def _check_modules(model: nn.Module, chosen: list[SelectedModule], selector: Sel
     if not chosen:
         raise ValueError(
             f"no module of {type(model).__name__} matches the selector "
-            f"(types: {[t.__name__ for t in selector.types]}, first_last={selector.first_last!r}); nothing to quantize"
+            f"(types: {selector.type_names()}, first_last={selector.first_last!r}); nothing to quantize"
         )
     for item in chosen:
         weight = item.module.weight
@@ -97,12 +98,12 @@ def _check_modules(model: nn.Module, chosen: list[SelectedModule], selector: Sel
 
 
 def _weight_quantizer(method: str, weight: torch.Tensor, bits: int, granularity: str, range: str,
-                      delta: float) -> WeightQuantizer:
+                      delta: float, axis: int) -> WeightQuantizer:
     if method == "ste":
-        return STEWeightQuantizer(weight, bits, granularity, range=range)
+        return STEWeightQuantizer(weight, bits, granularity, range=range, axis=axis)
     if method == "lsq":
-        return LSQWeightQuantizer(weight, bits, granularity)
-    return EWGSWeightQuantizer(weight, bits, granularity, delta=delta)
+        return LSQWeightQuantizer(weight, bits, granularity, axis=axis)
+    return EWGSWeightQuantizer(weight, bits, granularity, delta=delta, axis=axis)
 
 
 def _activation_quantizer(method: str, bits: int, range: str, momentum: float, delta: float) -> ActivationQAT:
@@ -172,12 +173,13 @@ def prepare_qat(
         w_bits: weight bits, 1-8 (None: weights stay float).
         a_bits: activation bits, 2-8 or 16, applied to the selected modules' inputs (None: float
             activations). Embedding inputs (indices) are never quantized.
-        select: which modules (a :class:`Selector` or its keyword arguments); default Linear, Conv1d/2d/3d
-            (depthwise included) and Embedding.
+        select: which modules (a :class:`Selector` or its keyword arguments); default every
+            weight-bearing layer of :mod:`qready.quant.layers` (depthwise included), each quantized per
+            channel along its own output-channel axis.
         first_last: overrides the selector's policy for the first and last selected module:
             ``"same"``, ``"float"`` (left unquantized) or a bit width 1-8 for both their weights and
             inputs (inputs at least 2 bits). None keeps the selector's own policy (default "same").
-        calib: batches (tensors or ``(x, y)`` pairs) that initialise activation quantizers; without
+        calib: batches (any form of :mod:`qready.batching`) that initialise activation quantizers; without
             it each one initialises from the first batch it sees (pass ``calib`` under DDP so every
             rank starts equal). Weight quantizers initialise from the weights.
         inplace: modify ``model`` itself instead of returning a modified deep copy.
@@ -211,10 +213,11 @@ def prepare_qat(
         for item in selector.select(target):
             module, weight = item.module, item.module.weight
             if w_bits is not None:
-                wq = _weight_quantizer(method, weight, item.bits_override or w_bits, granularity, range, delta)
+                wq = _weight_quantizer(method, weight, item.bits_override or w_bits, granularity, range, delta,
+                                       out_axis(module) or 0)
                 parametrize.register_parametrization(module, "weight", wq.to(weight.device, weight.dtype))
                 parametrized.append(module)
-            if a_bits is not None and not isinstance(module, nn.Embedding):
+            if a_bits is not None and not takes_index_inputs(module):
                 bits = max(item.bits_override, 2) if item.bits_override else a_bits
                 aq = _activation_quantizer(method, bits, range, momentum, delta).to(weight.device, weight.dtype)
                 hooked.append((module, attach_input_module(module, aq)))

@@ -147,27 +147,29 @@ class QATQuantizer(nn.Module):
 
 
 class WeightQuantizer(QATQuantizer):
-    """A parametrization quantizing a weight in scale-group rows ``[G, M]`` (per tensor or per channel)."""
+    """A parametrization quantizing a weight in scale-group rows ``[G, M]`` (per tensor, or per channel
+    along ``axis``, the weight's output-channel axis)."""
 
-    def __init__(self, bits: int, granularity: str) -> None:
+    def __init__(self, bits: int, granularity: str, axis: int = 0) -> None:
         super().__init__()
         if granularity not in ("tensor", "channel"):
             raise ValueError(f"weight granularity must be 'tensor' or 'channel'; got {granularity!r}")
         self.bits = bits
         self.granularity = granularity
+        self.axis = axis
 
     def rows(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` viewed as ``[G, M]``: one row per output channel, or one row."""
-        return to_rows(w, self.granularity)
+        return to_rows(w, self.granularity, self.axis)
 
     def quantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return from_rows(self.quantize_rows(self.rows(w)), tuple(w.shape), self.granularity)
+        return from_rows(self.quantize_rows(self.rows(w)), tuple(w.shape), self.granularity, self.axis)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity}"
+        return f"bits={self.bits}, granularity={self.granularity}, axis={self.axis}"
 
 
 class ActivationQAT(QATQuantizer):
@@ -249,9 +251,10 @@ def _fixed_activation_quantizer(spec: QuantSpec, scale: torch.Tensor, zero_point
 class STEWeightQuantizer(WeightQuantizer):
     """Straight-through fake quantization; the range is recomputed from the weight at every call."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "channel", range: str = "minmax") -> None:
-        super().__init__(bits, granularity)
-        self.spec = QuantSpec(bits=bits, symmetric=True, granularity=granularity, range=range)
+    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "channel", range: str = "minmax",
+                 axis: int = 0) -> None:
+        super().__init__(bits, granularity, axis)
+        self.spec = QuantSpec(bits=bits, symmetric=True, granularity=granularity, range=range, axis=axis)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quantize(w, self.spec)
@@ -318,8 +321,8 @@ class STEActivationQuantizer(ActivationQAT):
 class LSQWeightQuantizer(WeightQuantizer):
     """LSQ on a weight: one learnable step per output channel (or per tensor), signed grid."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "channel") -> None:
-        super().__init__(bits, granularity)
+    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "channel", axis: int = 0) -> None:
+        super().__init__(bits, granularity, axis)
         self.q_n, self.q_p = lsq_bounds(bits, signed=True)
         rows = self.rows(weight.detach())
         mean_abs = rows.abs().mean(dim=1, keepdim=True)
@@ -383,8 +386,9 @@ class EWGSMixin:
 class EWGSWeightQuantizer(EWGSMixin, WeightQuantizer):
     """EWGS on a weight: learnable bounds per tensor (the paper) or per channel, init ``-/+ 3 std``."""
 
-    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "tensor", delta: float = 1e-3) -> None:
-        super().__init__(bits, granularity)
+    def __init__(self, weight: torch.Tensor, bits: int, granularity: str = "tensor", delta: float = 1e-3,
+                 axis: int = 0) -> None:
+        super().__init__(bits, granularity, axis)
         rows = self.rows(weight.detach())
         half = (3 * rows.std(dim=1, correction=0, keepdim=True)).clamp_min(MIN_SCALE)
         self.lower = nn.Parameter(-half.clone())

@@ -1,0 +1,150 @@
+"""The layer table: output-channel axes, user registration, the default Selector and per-axis methods."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qready.quant import QuantSpec, Selector, fake_quantize, prepare_qat, ptq
+from qready.quant.layers import (
+    _BY_CLASS,
+    _BY_NAME,
+    _INDEX_INPUTS,
+    layer_spec,
+    out_axis,
+    register_layer,
+    takes_index_inputs,
+    weight_axis,
+)
+
+
+class Transposed(nn.Module):
+    """A Linear storing its weight as ``[in, out]`` (like Hugging Face ``Conv1D``)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+@pytest.fixture
+def transposed_registered():
+    register_layer(Transposed, 1)
+    yield
+    _BY_CLASS.pop(Transposed, None)
+
+
+@pytest.mark.parametrize(("module", "axis"), [
+    (nn.Linear(3, 4), 0),
+    (nn.Conv1d(2, 4, 3), 0),
+    (nn.Conv2d(2, 4, 3), 0),
+    (nn.ConvTranspose2d(2, 4, 3), 1),
+    (nn.Embedding(10, 4), 0),
+    (nn.BatchNorm1d(4), None),
+])
+def test_builtin_axes(module: nn.Module, axis: int | None) -> None:
+    assert out_axis(module) == axis
+
+
+def test_subclass_inherits_axis() -> None:
+    class MyLinear(nn.Linear):
+        pass
+
+    assert out_axis(MyLinear(2, 3)) == 0
+    assert takes_index_inputs(nn.Embedding(4, 2)) and not takes_index_inputs(nn.Linear(2, 2))
+
+
+def test_register_by_name_is_lazy_and_negative_axis_normalised() -> None:
+    name = f"{__name__}.Transposed"
+    register_layer(name, -1, index_inputs=True)
+    try:
+        layer = Transposed(3, 5)
+        assert out_axis(layer) == 1
+        assert takes_index_inputs(layer)
+    finally:
+        _BY_NAME.pop(name)
+        _INDEX_INPUTS.discard(name)
+    assert out_axis(Transposed(3, 5)) is None
+
+
+@pytest.mark.parametrize(("args", "err", "match"), [
+    ((nn.Linear, 1.0), TypeError, "out_axis must be an int"),
+    ((nn.Linear, True), TypeError, "out_axis must be an int"),
+    ((int, 0), TypeError, "nn.Module subclass"),
+    (("Conv1D", 1), ValueError, "fully qualified"),
+])
+def test_register_rejects_bad_input(args: tuple, err: type, match: str) -> None:
+    with pytest.raises(err, match=match):
+        register_layer(*args)
+
+
+def test_weight_axis_names_unregistered_layer() -> None:
+    with pytest.raises(TypeError, match="'blk.0' of type Transposed is not a registered.*register_layer"):
+        weight_axis(Transposed(2, 2), "blk.0")
+
+
+def test_layer_spec_sets_axis_only_per_channel() -> None:
+    conv_t = nn.ConvTranspose1d(2, 4, 3)
+    assert layer_spec(conv_t, QuantSpec(bits=4, granularity="channel")).axis == 1
+    per_tensor = QuantSpec(bits=4, granularity="tensor")
+    assert layer_spec(conv_t, per_tensor) is per_tensor
+
+
+def test_default_selector_follows_the_table(transposed_registered) -> None:
+    model = nn.Sequential(nn.Embedding(10, 6), Transposed(6, 5), nn.ReLU(), nn.Linear(5, 2), nn.LayerNorm(2))
+    assert [s.name for s in Selector().select(model)] == ["0", "1", "3"]
+    assert "Transposed" in Selector().type_names()
+    assert [s.name for s in Selector(types=(nn.Linear,)).select(model)] == ["3"]
+
+
+def test_ptq_per_channel_follows_transposed_axis(transposed_registered) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Transposed(6, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.logspace(-2, 1, 5))  # columns on very different scales
+    spec = QuantSpec(bits=3, granularity="channel")
+    q = ptq(model, spec)
+    expected = fake_quantize(model[0].weight.detach().t(), spec).t()
+    assert torch.equal(q[0].weight, expected)
+    # per-row scales would wipe out the small columns: the axis matters
+    assert not torch.equal(q[0].weight, fake_quantize(model[0].weight.detach(), spec))
+
+
+@pytest.mark.parametrize("method", ["ste", "lsq", "ewgs"])
+def test_qat_per_channel_follows_transposed_axis(transposed_registered, method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Transposed(6, 5))
+    q = prepare_qat(model, method=method, w_bits=3, w_granularity="channel")
+    quantizer = q[0].parametrizations["weight"][0]
+    assert quantizer.axis == 1
+    w = q[0].weight.detach()
+    for col in range(5):  # each output column holds at most 2^3 distinct values
+        assert w[:, col].unique().numel() <= 8
+
+
+def test_ptq_skips_activation_quantizers_on_index_inputs() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
+    calib = [torch.randint(0, 10, (5, 3)) for _ in range(2)]
+    q = ptq(model, QuantSpec(bits=8), calib=calib, act_spec=QuantSpec(bits=8, symmetric=False, granularity="tensor"))
+    assert not hasattr(q[0], "input_quantizer") and hasattr(q[2], "input_quantizer")
+
+
+def test_import_does_not_pull_transformers() -> None:
+    code = "import sys, qready.quant.layers, qready.quant; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_hf_conv1d_registered_by_name() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layer = pytorch_utils.Conv1D(5, 3)  # nf=5 outputs, nx=3 inputs: weight [3, 5]
+    assert tuple(layer.weight.shape) == (3, 5)
+    assert out_axis(layer) == 1
+    assert [s.name for s in Selector().select(nn.Sequential(layer))] == ["0"]

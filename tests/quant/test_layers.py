@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from qready.quant import QuantSpec, Selector, fake_quantize, prepare_qat, ptq
+from qready.quant import QuantSpec, Selector, fake_quantize, finalize_palettized, palettize, prepare_qat, ptq
 from qready.quant.layers import (
     _BY_CLASS,
     _BY_NAME,
@@ -148,3 +148,16 @@ def test_hf_conv1d_registered_by_name() -> None:
     assert tuple(layer.weight.shape) == (3, 5)
     assert out_axis(layer) == 1
     assert [s.name for s in Selector().select(nn.Sequential(layer))] == ["0"]
+
+
+@pytest.mark.parametrize("method", ["kmeans", "dkm"])
+def test_palettize_groups_follow_transposed_axis(transposed_registered, method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(Transposed(8, 6))
+    pal = palettize(model, bits=2, method=method, granularity="group", group_size=2)
+    if method == "dkm":
+        finalize_palettized(pal.eval())
+    w = pal[0].weight.detach()
+    for start in range(0, 6, 2):  # each group of 2 output columns shares one 4-entry LUT
+        assert w[:, start:start + 2].unique().numel() <= 4
+    assert w.unique().numel() > 4  # ... and the groups differ

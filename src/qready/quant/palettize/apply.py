@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..layers import out_axis
 from ..select import Selector, as_selector
 from ..spec import WEIGHT_BITS, check_bits
 from ..validate import check_finite
@@ -107,7 +108,8 @@ def palettize(
             or ``"cluster"`` (snap onto ``reg``'s learned representatives).
         select: which modules (a :class:`Selector` or its keyword arguments); an int ``first_last``
             palettizes the first/last layer at that many bits. Not used with ``"cluster"``.
-        granularity: one LUT per ``"layer"``, or per ``"group"`` of ``group_size`` output channels.
+        granularity: one LUT per ``"layer"``, or per ``"group"`` of ``group_size`` output channels (along
+            each layer's output-channel axis, see :mod:`qready.quant.layers`).
         tau: DKM temperature relative to each group's weight variance (see :class:`DKMWeight`).
         iters: DKM centroid iterations per step.
         reg: the trained ``cluster`` regularizer (``method="cluster"``).
@@ -129,19 +131,19 @@ def palettize(
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"module {name!r} already has a parametrization on its weight (palettized or "
                              "quantized twice?); finalize it first")
-        weight = module.weight
+        weight, axis = module.weight, out_axis(module) or 0
         if method == "dkm":
             parametrize.register_parametrization(
                 module, "weight",
                 DKMWeight(weight, layer_bits, group_size=size, tau=tau, iters=iters, impl=impl, chunk=chunk,
-                          kmeans_method=kmeans_method))
+                          kmeans_method=kmeans_method, axis=axis))
             continue
         if method == "kmeans":
-            lut = kmeans_lut(weight, layer_bits, size, kmeans_method)
+            lut = kmeans_lut(weight, layer_bits, size, kmeans_method, axis)
         else:
             lut = reg.representatives(name).detach().reshape(1, -1).to(weight.device)
         with torch.no_grad():
-            weight.copy_(snap(weight, lut, channel_groups(tuple(weight.shape), size, weight.device)))
+            weight.copy_(snap(weight, lut, channel_groups(tuple(weight.shape), size, weight.device, axis)))
     log.debug("palettized %d modules with %s at %d bits", len(layers), method, bits)
     return out
 

@@ -1,10 +1,11 @@
 """Look-up tables (LUTs): snapping values to their nearest representative, and finding the LUT of a
 weight that already has few distinct values.
 
-A palettized weight ``W`` (shape ``[C, ...]``, ``C`` output channels along axis 0) is stored as a LUT
-``[G, K]`` (``K = 2^b`` representatives per group) and an index per element. Channels are grouped
-``group_size`` at a time (``None``: one LUT for the whole tensor, ``G = 1``); element ``e`` of the
-flattened weight belongs to group ``channel(e) // group_size``.
+A palettized weight ``W`` (``C`` output channels along ``axis``: 0 for Linear/Conv/Embedding, 1 for
+weights stored transposed, see :mod:`qready.quant.layers`) is stored as a LUT ``[G, K]`` (``K = 2^b``
+representatives per group) and an index per element. Channels are grouped ``group_size`` at a time
+(``None``: one LUT for the whole tensor, ``G = 1``); element ``e`` of the flattened weight belongs to
+group ``channel(e) // group_size``, ``channel(e)`` its index along ``axis``.
 """
 
 from __future__ import annotations
@@ -19,33 +20,36 @@ from .kmeans import KMeansMethod, kmeans1d_centroids
 CHUNK = 1 << 16
 
 
-def num_groups(shape: tuple[int, ...], group_size: int | None) -> int:
-    """Number of LUTs ``G`` of a weight of ``shape``."""
+def num_groups(shape: tuple[int, ...], group_size: int | None, axis: int = 0) -> int:
+    """Number of LUTs ``G`` of a weight of ``shape`` whose channels lie along ``axis``."""
     if group_size is None or len(shape) == 0:
         return 1
-    return math.ceil(shape[0] / group_size)
+    return math.ceil(shape[axis] / group_size)
 
 
-def channel_groups(shape: tuple[int, ...], group_size: int | None, device: torch.device | None = None) -> torch.Tensor | None:
+def channel_groups(shape: tuple[int, ...], group_size: int | None, device: torch.device | None = None,
+                   axis: int = 0) -> torch.Tensor | None:
     """Group id (int64 ``[N]``) of each element of the flattened weight; ``None`` for one group."""
     if group_size is None or len(shape) == 0:
         return None
-    per_channel = math.prod(shape[1:])
-    channel = torch.arange(shape[0], device=device).div(group_size, rounding_mode="floor")
-    return channel.repeat_interleave(per_channel)
+    channel = torch.arange(shape[axis], device=device).div(group_size, rounding_mode="floor")
+    along = [1] * len(shape)
+    along[axis] = shape[axis]
+    return channel.reshape(along).expand(shape).reshape(-1)
 
 
-def group_parts(weight: torch.Tensor, group_size: int | None) -> list[torch.Tensor]:
-    """The weight's LUT groups as ``[channels_in_group, rest]`` views (one part for ``None``)."""
-    rows = weight.detach().reshape(weight.shape[0] if weight.dim() > 1 else 1, -1)
+def group_parts(weight: torch.Tensor, group_size: int | None, axis: int = 0) -> list[torch.Tensor]:
+    """The weight's LUT groups as ``[channels_in_group, rest]`` tensors (one part for ``None``)."""
+    w = weight.detach()
+    rows = w.movedim(axis, 0).reshape(w.shape[axis], -1) if w.dim() > 1 else w.reshape(1, -1)
     size = group_size if group_size is not None else rows.shape[0]
     return [rows[start:start + size] for start in range(0, rows.shape[0], size)]
 
 
 def kmeans_lut(weight: torch.Tensor, bits: int, group_size: int | None = None,
-               method: KMeansMethod = "auto") -> torch.Tensor:
+               method: KMeansMethod = "auto", axis: int = 0) -> torch.Tensor:
     """LUT ``[G, 2^bits]`` (float32): the sorted 1-D k-means centroids of each group."""
-    parts = group_parts(weight, group_size)
+    parts = group_parts(weight, group_size, axis)
     return torch.stack([kmeans1d_centroids(p, 1 << bits, method=method) for p in parts]).to(weight.device)
 
 
@@ -86,11 +90,13 @@ def snap(values: torch.Tensor, lut: torch.Tensor, groups: torch.Tensor | None = 
 
 @dataclass
 class Palette:
-    """A weight as a LUT ``[G, K]`` (float32) and indices (uint8, the weight's shape)."""
+    """A weight as a LUT ``[G, K]`` (float32) and indices (uint8, the weight's shape); LUT groups
+    gather ``group_size`` channels along ``axis``."""
 
     lut: torch.Tensor
     indices: torch.Tensor
     group_size: int | None
+    axis: int = 0
 
     @property
     def bits(self) -> int:
@@ -99,7 +105,7 @@ class Palette:
 
     def values(self) -> torch.Tensor:
         """The float weight the palette encodes."""
-        groups = channel_groups(tuple(self.indices.shape), self.group_size, self.indices.device)
+        groups = channel_groups(tuple(self.indices.shape), self.group_size, self.indices.device, self.axis)
         return lookup(self.indices, self.lut, groups)
 
 
@@ -120,25 +126,25 @@ def _distinct(groups: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, t
     return pairs >> 32, pairs & 0xFFFFFFFF, inverse
 
 
-def distinct_values(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def distinct_values(weight: torch.Tensor, group_size: int | None, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct values of each LUT group: ``(group [U], value [U])``, sorted by group, then value."""
     flat = weight.detach().reshape(-1)
-    groups = channel_groups(tuple(weight.shape), group_size, weight.device)
+    groups = channel_groups(tuple(weight.shape), group_size, weight.device, axis)
     groups = groups if groups is not None else torch.zeros_like(flat, dtype=torch.int64)
     ugroup, ukey, _ = _distinct(groups, _ordered_bits(flat))
     return ugroup, _from_ordered_bits(ukey)
 
 
 def _lut_and_indices(shape: tuple[int, ...], group_size: int | None, bits: int, ugroup: torch.Tensor,
-                     ukey: torch.Tensor, element_pair: torch.Tensor) -> Palette:
+                     ukey: torch.Tensor, element_pair: torch.Tensor, axis: int) -> Palette:
     """Assemble a palette from the sorted distinct ``(group, key)`` pairs and each element's pair index."""
-    n_groups, k = num_groups(shape, group_size), 1 << bits
+    n_groups, k = num_groups(shape, group_size, axis), 1 << bits
     counts = torch.bincount(ugroup, minlength=n_groups)
     offsets = torch.cumsum(counts, 0) - counts
     col = torch.minimum(torch.arange(k, device=ukey.device)[None, :], (counts - 1).clamp_min(0)[:, None])
     lut = _from_ordered_bits(ukey)[offsets[:, None] + col]
     indices = (element_pair - offsets[ugroup[element_pair]]).to(torch.uint8).reshape(shape)
-    return Palette(lut=lut, indices=indices, group_size=group_size)
+    return Palette(lut=lut, indices=indices, group_size=group_size, axis=axis)
 
 
 def _group_size_candidates(channels: int) -> list[int | None]:
@@ -146,8 +152,8 @@ def _group_size_candidates(channels: int) -> list[int | None]:
     return [None, *sizes]
 
 
-def find_palette(weight: torch.Tensor, bits: int | None = None, max_bits: int = 8) -> Palette | None:
-    """The palette of a weight with few distinct values per channel group, or ``None``.
+def find_palette(weight: torch.Tensor, bits: int | None = None, max_bits: int = 8, axis: int = 0) -> Palette | None:
+    """The palette of a weight with few distinct values per channel group (channels along ``axis``), or ``None``.
 
     Tries one LUT for the whole tensor and per-group LUTs (``group_size`` = powers of two down to one
     channel). With ``bits``, every group must have at most ``2^bits`` distinct values and the fewest
@@ -158,9 +164,9 @@ def find_palette(weight: torch.Tensor, bits: int | None = None, max_bits: int = 
         return None
     shape = tuple(weight.shape)
     limit = bits if bits is not None else max_bits
-    channels = shape[0] if len(shape) > 1 else 1
+    channels = shape[axis] if len(shape) > 1 else 1
     flat = weight.detach().reshape(-1)
-    per_channel = channel_groups(shape, 1, weight.device) if channels > 1 else torch.zeros_like(flat, dtype=torch.int64)
+    per_channel = channel_groups(shape, 1, weight.device, axis) if channels > 1 else torch.zeros_like(flat, dtype=torch.int64)
     uchan, ukey, channel_pair = _distinct(per_channel, _ordered_bits(flat))
     if torch.bincount(uchan).max() > 1 << limit:
         return None
@@ -173,10 +179,10 @@ def find_palette(weight: torch.Tensor, bits: int | None = None, max_bits: int = 
         if need > limit:
             continue
         b = bits if bits is not None else need
-        cost = num_groups(shape, size) * (1 << b) * 4 + math.ceil(weight.numel() * b / 8)
+        cost = num_groups(shape, size, axis) * (1 << b) * 4 + math.ceil(weight.numel() * b / 8)
         if best is None or cost < best[0]:
             best = (cost, size, b, pairs)
     if best is None:
         return None
     _, size, b, (ugroup, upair_key, pair_of_channel_pair) = best
-    return _lut_and_indices(shape, size, b, ugroup, upair_key, pair_of_channel_pair[channel_pair])
+    return _lut_and_indices(shape, size, b, ugroup, upair_key, pair_of_channel_pair[channel_pair], axis)

@@ -235,8 +235,8 @@ class DKMWeight(nn.Module):
     :func:`~qready.quant.palettize.finalize_palettized` bakes in).
 
     Args:
-        weight: the weight being palettized (shape ``[C, ...]``); initial centroids are the k-means of
-            each group.
+        weight: the weight being palettized (``C`` output channels along ``axis``); initial centroids
+            are the k-means of each group.
         bits: index bits ``b`` (1-4), ``K = 2^b`` centroids per group.
         group_size: output channels per LUT (``None``: one LUT per layer).
         tau: temperature, relative: the softmax uses ``τ · var(W_g)`` (variance of each group's weights
@@ -245,11 +245,12 @@ class DKMWeight(nn.Module):
         impl: ``"unique"`` (:func:`dkm_unique`) or ``"naive"`` (:func:`dkm_naive`).
         chunk: attention chunk size of the ``"unique"`` implementation.
         kmeans_method: how the initial centroids are found (see :func:`~qready.quant.palettize.kmeans.kmeans1d`).
+        axis: the weight's output-channel axis (grouping of ``group_size`` channels).
     """
 
     def __init__(self, weight: torch.Tensor, bits: int, *, group_size: int | None = None, tau: float = 0.05,
                  iters: int = 3, impl: DKMImpl = "unique", chunk: int = CHUNK,
-                 kmeans_method: KMeansMethod = "auto") -> None:
+                 kmeans_method: KMeansMethod = "auto", axis: int = 0) -> None:
         super().__init__()
         check_bits(bits, "bits", DKM_BITS)
         if impl not in DKM_IMPLS:
@@ -259,14 +260,15 @@ class DKMWeight(nn.Module):
         _check_positive_int("iters", iters)
         _check_positive_int("chunk", chunk)
         self.bits, self.group_size, self.iters, self.impl, self.chunk = bits, group_size, iters, impl, chunk
-        centroids = kmeans_lut(weight.float(), bits, group_size, kmeans_method)
-        variance = torch.stack([p.float().var(unbiased=False) for p in group_parts(weight, group_size)])
+        self.axis = axis
+        centroids = kmeans_lut(weight.float(), bits, group_size, kmeans_method, axis)
+        variance = torch.stack([p.float().var(unbiased=False) for p in group_parts(weight, group_size, axis)])
         self.register_buffer("centroids", centroids)
         self.register_buffer("temperature", (float(tau) * variance.clamp_min(1e-12)).to(weight.device))
 
     def groups(self, w: torch.Tensor) -> torch.Tensor | None:
         """Group id of each flattened element of ``w`` (``None`` for one LUT)."""
-        return channel_groups(tuple(w.shape), self.group_size, w.device)
+        return channel_groups(tuple(w.shape), self.group_size, w.device, self.axis)
 
     def snap(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` with every element replaced by its group's nearest centroid."""

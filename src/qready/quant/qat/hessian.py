@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...batching import batch_inputs
+from ...batching import batch_inputs, batch_targets, forward, model_device, move_inputs, output_tensor
 from .apply import train_mode_kept
 from .quantizers import EWGSMixin
 
@@ -80,12 +80,6 @@ def _capturing(quantizers: Sequence[EWGSMixin]) -> Iterator[None]:
             q.captured = None
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def estimate_ewgs_deltas(
     model: nn.Module,
     batches: Iterable,
@@ -99,8 +93,10 @@ def estimate_ewgs_deltas(
 
     Args:
         model: a model prepared with ``prepare_qat(method="ewgs")``.
-        batches: ``(inputs, targets)`` batches (e.g. the training loader); the first ``max_batches`` are used.
-        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+        batches: labelled batches, ``(inputs, targets)`` or ``(dict, targets)`` (e.g. the training
+            loader); the first ``max_batches`` are used.
+        loss_fn: ``loss_fn(outputs, targets)`` on the model's output tensor (``.logits`` of a Hugging
+            Face output); default cross-entropy.
         max_batches: batches averaged (the paper's code uses 3).
         samples: Hutchinson probes per batch.
         generator: source of the probes.
@@ -113,18 +109,17 @@ def estimate_ewgs_deltas(
         raise ValueError(f"max_batches must be a positive int; got {max_batches!r}")
     loss_fn = loss_fn or F.cross_entropy
     quantizers = [q for _, q in named]
-    device = _device_of(model)
+    device = model_device(model)
     sums = torch.zeros(len(named), dtype=torch.float64)
     used = 0
     with train_mode_kept(model):
         for batch in batches:
             if used >= max_batches:
                 break
-            if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                raise TypeError("estimate_ewgs_deltas needs (inputs, targets) batches")
-            x, y = batch_inputs(batch).to(device), batch[1].to(device)
+            y = batch_targets(batch, "estimate_ewgs_deltas").to(device)
+            x = move_inputs(batch_inputs(batch), device)
             with _capturing(quantizers):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(output_tensor(forward(model, x)), y)
                 live = [k for k, q in enumerate(quantizers) if q.captured is not None and q.captured.requires_grad]
                 inputs = [quantizers[k].captured for k in live]
                 if not inputs:

@@ -192,9 +192,9 @@ def test_param_counts():
 
 def test_resnet20_uses_option_b_shortcuts():
     model = create_model("resnet20")
-    shortcuts = [m.shortcut for m in model.modules() if hasattr(m, "shortcut")]
+    shortcuts = [m.downsample for m in model.modules() if hasattr(m, "downsample")]
     assert len(shortcuts) == 9
-    convs = [s for s in shortcuts if isinstance(s, nn.Sequential)]
+    convs = [s for s in shortcuts if s is not None]
     assert len(convs) == 2 and all(isinstance(s[0], nn.Conv2d) and s[0].kernel_size == (1, 1) for s in convs)
 
 
@@ -202,7 +202,7 @@ def test_resnet20_uses_option_b_shortcuts():
 def test_resnet18_stems_downsampling(stem, size, expected):
     model = create_model("resnet18", stem=stem).eval()
     with torch.no_grad():
-        feats = model.stages(model.stem(torch.randn(1, 3, size, size)))
+        feats = model.features(torch.randn(1, 3, size, size))
     assert feats.shape[-1] == expected
 
 

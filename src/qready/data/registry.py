@@ -20,7 +20,8 @@ class DatasetSplits:
     """A train/test pair of datasets plus the metadata a model needs.
 
     Each item of ``train``/``test`` is ``(x, y)``: ``x`` a float32 tensor of shape ``input_shape``
-    (no batch dim), ``y`` an int64 scalar class index in ``[0, num_classes)``.
+    (no batch dim), ``y`` an int64 scalar class index in ``[0, num_classes)``. Unlabeled datasets
+    (``images``, ``text``) have ``num_classes == 0`` and items holding the inputs only.
     """
 
     train: Dataset

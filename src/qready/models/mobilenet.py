@@ -67,7 +67,11 @@ class MobileNetV1(nn.Module):
 
 class InvertedResidual(nn.Module):
     """1x1 expand (skipped when ``expansion == 1``) + ReLU6, 3x3 depthwise + ReLU6, 1x1 linear
-    projection; adds the input when ``stride == 1`` and ``in_ch == out_ch``."""
+    projection; adds the input when ``stride == 1`` and ``in_ch == out_ch``.
+
+    The projection's ``Conv2d`` and ``BatchNorm2d`` sit directly in ``conv`` (not in a sub-block), so
+    the parameter names are torchvision's (``conv.0.0.weight`` ... ``conv.2.weight``, ``conv.3.*``).
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int) -> None:
         super().__init__()
@@ -77,7 +81,7 @@ class InvertedResidual(nn.Module):
             layers.append(conv_bn_act(in_ch, hidden, 1, act=nn.ReLU6))
         layers += [
             conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
-            conv_bn_act(hidden, out_ch, 1, act=None),
+            *conv_bn_act(hidden, out_ch, 1, act=None),
         ]
         self.conv = nn.Sequential(*layers)
         self.use_residual = stride == 1 and in_ch == out_ch
@@ -93,7 +97,8 @@ class MobileNetV2(nn.Module):
     ``stem="imagenet"``: input ``[B, 3, 224, 224]`` (32x downsampling). ``stem="cifar"``: stride-1
     stem and the stride-2 of the 24-channel stage made 1, for ``[B, 3, 32, 32]`` (8x downsampling).
     Channels are ``make_divisible(c * width_mult, 8)``; the last conv keeps >= 1280 channels.
-    Output: ``[B, num_classes]``.
+    Output: ``[B, num_classes]``. Parameter names follow torchvision's ``mobilenet_v2``, so its
+    ImageNet checkpoint loads unchanged (``create_model("mobilenet_v2", weights=path)``).
     """
 
     def __init__(

@@ -14,16 +14,27 @@ you call ``create_model("tiny", num_classes=5)``; names are unique, so registeri
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from qready.registry import Registry
 
+from .weights import StateDict, load_weights
+
 MODELS: Registry[nn.Module] = Registry("model")
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the model registered as ``name``; unknown names raise an error listing the valid ones."""
-    return MODELS.build(name, **kwargs)
+def create_model(name: str, *, weights: str | os.PathLike[str] | StateDict | None = None, **kwargs) -> nn.Module:
+    """Build the model registered as ``name``; unknown names raise an error listing the valid ones.
+
+    ``weights``: a state dict, or the path of a file holding one (PyTorch, read with
+    ``weights_only=True``, or ``.safetensors``), loaded strictly into the new model (see
+    :func:`qready.models.load_weights`); e.g. torchvision's ImageNet MobileNetV2 checkpoint with
+    ``create_model("mobilenet_v2", num_classes=1000, stem="imagenet", weights="mobilenet_v2-b0353104.pth")``.
+    """
+    model = MODELS.build(name, **kwargs)
+    return model if weights is None else load_weights(model, weights)
 
 
 def list_models() -> list[str]:

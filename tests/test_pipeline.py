@@ -131,3 +131,53 @@ def test_compress_and_export_stages(tmp_path):
     w = model.features[1][0][0].weight
     assert w.unique().numel() <= 4  # 2-bit palette survived the round trip
     assert "compressed" in (root / "report.md").read_text()
+
+
+# Which stages each recipe section feeds (directly or through an earlier stage).
+DEPENDENTS = {
+    "seed": {"train", "compress", "sweep", "export", "report"},
+    "model": {"train", "compress", "sweep", "export", "report"},
+    "data": {"train", "compress", "sweep", "export", "report"},
+    "train": {"train", "compress", "sweep", "export", "report"},
+    "regularizers": {"train", "compress", "sweep", "export", "report"},
+    "sharpness": {"train", "compress", "sweep", "export", "report"},
+    "compress": {"compress", "export", "report"},
+    "sweep": {"sweep", "report"},
+    "export": {"export", "report"},
+}
+CHANGES = {
+    "seed": 1,
+    "model": {"name": "dwcnn", "args": {"width": 16}},
+    "data": {**RECIPE["data"], "options": {**RECIPE["data"]["options"], "noise": 0.4}},
+    "train": {**RECIPE["train"], "lr": 0.01},
+    "regularizers": [{"name": "linf", "weight": 0.01}],
+    "sharpness": {"kind": "sam", "rho": 0.05},
+    "compress": {"method": "kmeans", "w_bits": 3},
+    "sweep": {"bits": [8, 3], "ranges": ["minmax"]},
+    "export": {"format": "onnx"},
+}
+
+
+@pytest.mark.parametrize("section", sorted(DEPENDENTS))
+def test_changing_a_section_reruns_exactly_its_dependent_stages(section):
+    from qready.app.pipeline import stage_keys
+    from qready.recipe import recipe_from_dict
+
+    base = {k: v for k, v in RECIPE.items() if k != "grid"}
+    base = {**base, "compress": {"method": "kmeans", "w_bits": 2}, "export": {"format": "packed"}}
+    changed = {**base, section: CHANGES[section]}
+    before, after = stage_keys(recipe_from_dict(base)), stage_keys(recipe_from_dict(changed))
+    assert {stage for stage in before if before[stage] != after[stage]} == DEPENDENTS[section]
+
+
+def test_new_export_format_does_not_redo_compression(tmp_path):
+    recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
+    recipe = {**recipe, "compress": {"method": "kmeans", "w_bits": 2}, "export": {"format": "packed"}}
+    root = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert (root / "export" / "model.qready").is_file()
+    events = []
+    run_recipe({**recipe, "export": {"format": "onnx"}}, root, progress=False,
+               on_stage=lambda *a: events.append(a))
+    rerun = {stage for _, stage, skipped in events if not skipped}
+    assert rerun == {"export", "report"}
+    assert json.loads((root / "export.json").read_text())["format"] == "onnx"

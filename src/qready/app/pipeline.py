@@ -12,6 +12,7 @@ one experiment each (``seed: [0, 1, 2]`` repeats an experiment over seeds), run 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -98,14 +99,21 @@ def expand_grid(data: dict[str, Any]) -> list[Experiment]:
 STAGE_ORDER = ["train", "compress", "sweep", "export", "report"]
 
 
-def _stage_keys(recipe: Recipe) -> dict[str, str]:
+# The recipe sections each stage reads (directly or through the stage before it).
+TRAIN_SECTIONS = ("seed", "model", "data", "train", "regularizers", "sharpness")
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """Fingerprint of each stage's inputs: train <- its sections; compress <- train + ``compress``;
+    sweep (of the trained float model) <- train + ``sweep``; export <- compress (or train) + ``export``;
+    report <- sweep + compress + export."""
     d = recipe.to_dict()
-    train_key = fingerprint({k: d.get(k) for k in ("seed", "model", "data", "train", "regularizers")})
-    compress_key = fingerprint([train_key, d.get("compress"), d.get("export")])
-    sweep_key = fingerprint([compress_key, d.get("sweep")])
+    train_key = fingerprint({k: d.get(k) for k in TRAIN_SECTIONS})
+    compress_key = fingerprint([train_key, d.get("compress")])
+    sweep_key = fingerprint([train_key, d.get("sweep")])
     export_key = fingerprint([compress_key, d.get("export")])
     return {"train": train_key, "compress": compress_key, "sweep": sweep_key, "export": export_key,
-            "report": fingerprint([sweep_key, export_key])}
+            "report": fingerprint([sweep_key, compress_key, export_key])}
 
 
 def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progress: bool = True,
@@ -115,7 +123,7 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = StageCache(run_dir, force=force)
-    keys = _stage_keys(recipe)
+    keys = stage_keys(recipe)
     ran: dict[str, bool] = {}
 
     def stage(name: str) -> bool:
@@ -133,7 +141,8 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
         prepared = stages.train_recipe(recipe, run_dir, resume=resume, progress=progress)
         cache.mark("train", keys["train"])
     else:
-        prepared = stages.prepare_from_checkpoint(run_dir / "checkpoint")
+        # the cached training shares every train section with this recipe; later stages read the rest
+        prepared = dataclasses.replace(stages.prepare_from_checkpoint(run_dir / "checkpoint"), recipe=recipe)
     if recipe.compress is not None and stage("compress"):
         stages.compress_stage(prepared, run_dir, progress=progress)
         cache.mark("compress", keys["compress"])
@@ -141,7 +150,7 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
         rows = stages.sweep_recipe(prepared)
         (run_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
         cache.mark("sweep", keys["sweep"])
-    if recipe.compress is None and recipe.export.format != "none" and stage("export"):
+    if recipe.export.format != "none" and stage("export"):
         stages.export_stage(prepared, run_dir)
         cache.mark("export", keys["export"])
     if stage("report"):

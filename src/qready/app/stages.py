@@ -224,8 +224,6 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
     save_checkpoint(run_dir / "compressed", model, meta={**checkpoint_meta(prepared.recipe, prepared), "row": row})
     plot_weight_histograms(prepared.model, model, run_dir / "weights.png")
     out = {"row": row}
-    if prepared.recipe.export.format != "none":
-        out["export"] = export_model(model, prepared, run_dir, w_bits=c.w_bits)
     (run_dir / "compress.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -260,10 +258,18 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: st
 
 
 def export_stage(prepared: Prepared, run_dir: Path) -> dict:
-    """Without a compress stage: export the PTQ model at ``export.bits`` (per-channel min-max)."""
+    """Export the compressed model (``compressed/``) when the recipe has a compress stage, otherwise the
+    PTQ model at ``export.bits`` (per-channel min-max); writes ``export.json``."""
     from ..quant.ptq import ptq
 
-    bits = prepared.recipe.export.bits
+    recipe = prepared.recipe
+    if recipe.compress is not None:
+        suffix = ".onnx" if recipe.export.format == "onnx" else ".qready"
+        sizes = export_checkpoint(run_dir / "compressed", fmt=recipe.export.format,
+                                  out=run_dir / "export" / f"model{suffix}")
+        (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
+        return sizes
+    bits = recipe.export.bits
     qmodel = ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
     sizes = export_model(qmodel, prepared, run_dir, w_bits=bits)
     (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
@@ -294,8 +300,6 @@ def experiment_summary(run_dir: Path) -> dict:
         path = run_dir / name
         if path.is_file():
             out[key] = json.loads(path.read_text())
-    if "compress" in out and "export" in out["compress"]:
-        out["export"] = out["compress"]["export"]
     return out
 
 

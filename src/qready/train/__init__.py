@@ -1,4 +1,5 @@
-"""Training: the shared loop (``fit``), its configuration, checkpoints and NaN/Inf guards."""
+"""Training: the shared loop (``fit``), its objectives (cross-entropy, label-free distillation), configuration,
+checkpoints and NaN/Inf guards."""
 
 from .checkpoint import (
     Checkpoint,
@@ -9,7 +10,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, build_optimizer, build_scheduler
+from .distill import Distill
 from .guards import NonFiniteError, check_finite
+from .objective import CrossEntropy, Objective
 from .loop import (
     LossTerm,
     StandardStep,
@@ -24,8 +27,11 @@ from .loop import (
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CrossEntropy",
+    "Distill",
     "LossTerm",
     "NonFiniteError",
+    "Objective",
     "StandardStep",
     "StepContext",
     "StepStrategy",

@@ -11,9 +11,12 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from .distill import DISTILL_LOSSES
+
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("none", "cosine", "step")
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop")
+OBJECTIVES: tuple[str, ...] = ("cross_entropy", "distill")
 
 
 def _choices(values: Iterable[str]) -> str:
@@ -39,7 +42,10 @@ class TrainConfig:
     indices at which the ``"step"`` schedule multiplies the learning rate by ``gamma``;
     ``warmup_epochs`` ramps it linearly from ``lr / warmup_steps`` to ``lr`` first. ``nonfinite``
     says what happens when a step's loss (or gradient norm) is NaN/Inf: ``"skip"`` drops that update
-    with a logged warning, ``"stop"`` raises :class:`~qready.train.NonFiniteError`.
+    with a logged warning, ``"stop"`` raises :class:`~qready.train.NonFiniteError`. ``objective`` is
+    what is minimised before loss terms: ``"cross_entropy"`` (needs labels) or ``"distill"`` (no labels:
+    match a frozen float copy of the model, with ``distill_loss`` ``"kl"`` at ``temperature``, ``"mse"``
+    or ``"cosine"``; see :class:`~qready.train.distill.Distill`).
     """
 
     epochs: int = 10
@@ -56,6 +62,9 @@ class TrainConfig:
     grad_clip: float | None = None
     label_smoothing: float = 0.0
     nonfinite: str = "skip"
+    objective: str = "cross_entropy"
+    distill_loss: str = "kl"
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -109,6 +118,12 @@ class TrainConfig:
             fail("label_smoothing", "in [0, 1)")
         if self.nonfinite not in NONFINITE_POLICIES:
             fail("nonfinite", f"one of {_choices(NONFINITE_POLICIES)}")
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"one of {_choices(OBJECTIVES)}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            fail("distill_loss", f"one of {_choices(DISTILL_LOSSES)}")
+        if number("temperature") <= 0:
+            fail("temperature", "> 0")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (``TrainConfig(**cfg.to_dict())`` round-trips)."""

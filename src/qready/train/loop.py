@@ -2,6 +2,9 @@
 
 Extension points:
 
+* **Objective** (:class:`~qready.train.objective.Objective`): the task loss, ``objective(model, inputs,
+  targets) -> (loss, outputs)``; cross-entropy by default, :class:`~qready.train.distill.Distill` for
+  label-free fine-tuning (``TrainConfig.objective`` or the ``objective`` argument).
 * **Loss terms** (:class:`LossTerm`): ``term(model, task_loss) -> scalar`` added to the task loss.
   ``nn.Module`` terms get their parameters optimized (one param group per term) and their state
   checkpointed; optional ``active(epoch) -> bool`` switches a term on/off per epoch; ``needs_graph``
@@ -33,12 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..evaluate.metrics import batch_to_device, evaluate
+from ..batching import inputs_size, move_inputs, split_batch
+from ..evaluate.fidelity import fidelity
+from ..evaluate.metrics import evaluate
 from . import distributed
 from .checkpoint import checkpoint_exists, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler
 from .groups import build_param_groups
 from .guards import NonFiniteError, check_finite, first_nonfinite
+from .objective import Objective, build_objective
 from .state import loader_generators, restore, rng_state, seed_everything
 from .stats import EpochStats, format_epoch, jsonable, progress_bar, write_lines
 from .step import (
@@ -86,7 +92,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     strategy: StepStrategy
-    criterion: nn.Module
+    objective: Objective
     terms: list[tuple[str, Any]]
     outside: list[Tensor]
     generators: list[torch.Generator]
@@ -141,6 +147,7 @@ def fit(
     *,
     val_loader: Iterable | None = None,
     loss_terms: Sequence[LossTerm] = (),
+    objective: Objective | None = None,
     step_strategy: StepStrategy | None = None,
     param_groups: Sequence[Mapping[str, Any]] | None = None,
     run_dir: str | os.PathLike | None = None,
@@ -151,7 +158,11 @@ def fit(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> TrainResult:
-    """Train ``model`` with cross-entropy (+ ``loss_terms``) for ``cfg.epochs`` epochs.
+    """Train ``model`` with its objective (+ ``loss_terms``) for ``cfg.epochs`` epochs.
+
+    The objective is ``objective`` when given, else the one ``cfg.objective`` names: cross-entropy
+    (labelled batches) or distillation from a frozen copy of ``model`` as passed in (any batch form,
+    labels ignored). Batches take any form of :mod:`qready.batching`.
 
     Each epoch: train, evaluate on ``val_loader``, call ``callbacks``, append the metrics as one JSON
     line to ``run_dir/metrics.jsonl`` and save ``run_dir/checkpoint`` (model weights, optimizer,
@@ -164,8 +175,9 @@ def fit(
     module loss terms are moved there; otherwise the model's device is used.
 
     Metrics per epoch (0-based ``epoch``): ``train_loss`` (total incl. terms, sample-weighted),
-    ``task_loss``, ``train_acc`` (percent), ``val_loss``/``val_acc`` (``None`` without
-    ``val_loader``), ``lr`` (first param group, at the epoch start), ``term/<name>`` (mean of each
+    ``task_loss``, ``train_acc`` (percent; labelled batches), ``val_loss``/``val_acc`` (``None`` without
+    ``val_loader`` or labels), with a distillation objective ``val_kl``/``val_agreement`` (nats, percent:
+    the drift of the model from its teacher on ``val_loader``), ``lr`` (first param group, at the epoch start), ``term/<name>`` (mean of each
     active term), the means of ``StepContext.log`` values (``grad_norm`` for :class:`StandardStep`),
     ``skipped_steps`` and ``time_s``; NaN/Inf are written as ``null``. Weights (or loss-term state)
     that become NaN/Inf raise :class:`NonFiniteError` before anything is checkpointed, whatever
@@ -192,6 +204,9 @@ def fit(
     dev = _resolve_device(model, device)
     if device is not None:
         model.to(dev)
+    objective = objective if objective is not None else build_objective(cfg, model)
+    if not callable(objective):
+        raise TypeError(f"objective must be callable (model, inputs, targets) -> (loss, outputs); got {objective!r}")
     terms = named_terms(loss_terms)
     for _, term in terms:
         if isinstance(term, nn.Module):
@@ -217,7 +232,7 @@ def fit(
 
     net = distributed.maybe_wrap_ddp(model, dev)
     run = _Run(model=model, net=net, cfg=cfg, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
-               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), terms=terms,
+               objective=objective, terms=terms,
                outside=outside, generators=generators, device=dev, steps_per_epoch=steps_per_epoch, main=main,
                user_meta=user_meta, run_path=run_path, ckpt_path=ckpt_path, history=history)
     sync = _setup_distributed(run, train_loader) if run.distributed else None
@@ -263,8 +278,11 @@ def _setup_distributed(run: _Run, train_loader: Iterable) -> distributed.GradSyn
         logger.warning("distributed training with a train_loader that has no DistributedSampler: every "
                        "process trains on the same batches")
     modules = [term for _, term in run.terms if isinstance(term, nn.Module)]
+    teacher = getattr(run.objective, "teacher", None)  # a distillation teacher: rank 0's copy everywhere
+    if isinstance(teacher, nn.Module):
+        modules.append(teacher.to(run.device))
     distributed.broadcast_tensors([*(t for m in modules for t in m.state_dict().values()), *run.outside])
-    term_params = [p for m in modules for p in m.parameters()]
+    term_params = [p for _, term in run.terms if isinstance(term, nn.Module) for p in term.parameters()]
     return distributed.GradSync(list({id(p): p for p in [*term_params, *run.outside]}.values()), run.net)
 
 
@@ -273,13 +291,14 @@ def _train_batch(run: _Run, batch: Any, epoch: int, i: int, active: Sequence[tup
     """One update (the step strategy), non-finite handling per ``TrainConfig.nonfinite``, the scheduler
     step and the statistics; returns the step's loss (NaN when skipped)."""
     cfg = run.cfg
-    x, y = batch_to_device(batch, run.device)
+    x, y = split_batch(batch)
+    x, y = move_inputs(x, run.device), (y.to(run.device) if y is not None else None)
     record: dict[str, Any] = {}
     ctx = StepContext(
         model=run.model,
         batch=(x, y),
         optimizer=run.optimizer,
-        compute_loss=make_compute_loss(run.model, x, y, run.criterion, active, record,
+        compute_loss=make_compute_loss(run.model, x, y, run.objective, active, record,
                                        run.net if run.distributed else None),
         epoch=epoch,
         step=epoch * run.steps_per_epoch + i,
@@ -301,7 +320,7 @@ def _train_batch(run: _Run, batch: Any, epoch: int, i: int, active: Sequence[tup
             logger.warning("%s: %s; skipping this update (TrainConfig.nonfinite='skip')", where, e)
         stats.skipped += 1
     else:
-        stats.add(value, record, ctx.logs, y)
+        stats.add(value, record, ctx.logs, y, inputs_size(x))
     with warnings.catch_warnings():
         # a skipped first update makes torch warn about step order; harmless here
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
@@ -316,12 +335,14 @@ def _end_epoch(run: _Run, epoch: int, stats: EpochStats, lr: float, seconds: flo
     cfg, model, main = run.cfg, run.model, run.main
     if run.distributed:
         stats = EpochStats.combine(distributed.gather_objects(stats))
-    val = evaluate(model, val_loader, device=run.device) if val_loader is not None and main else None
+    val = _validate(run, val_loader) if val_loader is not None and main else None
     val = distributed.broadcast_object(val)
     _check_weights(model, run.terms, run.outside, epoch, cfg, run.ckpt_path, run.device)
     metrics: dict[str, Any] = {"epoch": epoch, **stats.metrics()}
     metrics["val_loss"] = val["loss"] if val is not None else None
     metrics["val_acc"] = val["accuracy"] if val is not None else None
+    if val is not None and "kl" in val:
+        metrics["val_kl"], metrics["val_agreement"] = val["kl"], val["agreement"]
     metrics["lr"] = lr
     metrics["time_s"] = seconds
     if stats.skipped and main:
@@ -345,6 +366,15 @@ def _end_epoch(run: _Run, epoch: int, stats: EpochStats, lr: float, seconds: flo
         _save(run, epoch, clean, rng_by_rank)
     distributed.barrier()
     return stopped
+
+
+def _validate(run: _Run, val_loader: Iterable) -> dict[str, Any]:
+    """Accuracy and loss on ``val_loader``; with a teacher (distillation), the fidelity to it instead
+    (``kl``, ``agreement``; accuracy and loss only for labelled batches)."""
+    teacher = getattr(run.objective, "teacher", None)
+    if teacher is None:
+        return evaluate(run.model, val_loader, device=run.device)
+    return fidelity(teacher, run.model, val_loader, device=run.device)
 
 
 def _save(run: _Run, epoch: int, metrics: dict, rng_by_rank: list | None) -> None:

@@ -74,8 +74,9 @@ class EpochStats:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
-    def add(self, loss: float, record: Mapping[str, Any], logs: Mapping[str, float], y: Tensor) -> None:
-        n = int(y.shape[0]) if y.dim() > 0 else 1
+    def add(self, loss: float, record: Mapping[str, Any], logs: Mapping[str, float], y: Tensor | None,
+            n: int) -> None:
+        """One step of ``n`` samples; ``y`` is ``None`` for an unlabeled batch (no accuracy)."""
         self.n += n
         self.loss_sum += loss * n
         parts = record.get("parts")
@@ -85,7 +86,7 @@ class EpochStats:
                 if name != "task":
                     self._mean_add(f"term/{name}", float(value))
             out = record["outputs"]
-            if out.dim() == 2:
+            if y is not None and out.dim() == 2:
                 target = y.argmax(dim=1) if y.dim() == 2 else y
                 self.correct += int((out.argmax(dim=1) == target).sum())
                 self.acc_n += n

@@ -12,8 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..batching import Inputs
 from . import distributed
 from .guards import NonFiniteError
+from .objective import Objective
 
 RESERVED_METRICS = frozenset(
     {"epoch", "train_loss", "train_acc", "task_loss", "val_loss", "val_acc", "lr", "skipped_steps", "time_s"}
@@ -52,15 +54,16 @@ class StopTraining(Exception):
 class StepContext:
     """Everything a :class:`StepStrategy` needs for one batch.
 
-    ``compute_loss()`` runs forward + task loss + active loss terms and returns ``(total, parts)``
-    where ``parts`` maps ``"task"`` and each term name to its detached value. ``step`` is the global
+    ``compute_loss()`` runs the objective (forward + task loss) and the active loss terms and returns
+    ``(total, parts)`` where ``parts`` maps ``"task"`` and each term name to its detached value.
+    ``batch`` is ``(inputs, targets)`` on the training device (``targets`` ``None`` when unlabeled). ``step`` is the global
     0-based step index (``epoch * steps_per_epoch + batch index``). Train accuracy and per-term
     metrics come from the first ``compute_loss()`` call of the step. ``model`` is the unwrapped module
     even under DDP; ``net`` is what the forward runs through (the DDP wrapper, or ``model``).
     """
 
     model: nn.Module
-    batch: tuple[Tensor, Tensor]
+    batch: tuple[Inputs, Tensor | None]
     optimizer: torch.optim.Optimizer
     compute_loss: Callable[[], tuple[Tensor, dict[str, Tensor]]]
     epoch: int
@@ -158,19 +161,19 @@ def _describe_nonfinite(total: Tensor, parts: Mapping[str, Tensor]) -> str:
 
 def make_compute_loss(
     model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    criterion: nn.Module,
+    inputs: Inputs,
+    targets: Tensor | None,
+    objective: Objective,
     terms: Sequence[tuple[str, Any]],
     record: dict[str, Any],
     net: nn.Module | None = None,
 ) -> Callable[[], tuple[Tensor, dict[str, Tensor]]]:
-    """``model`` is what terms see; the forward runs through ``net`` (its DDP wrapper) when given."""
+    """``model`` is what terms see; the objective's forward runs through ``net`` (its DDP wrapper) when
+    given. ``targets`` is ``None`` for an unlabeled batch."""
     forward = net if net is not None else model
 
     def compute_loss() -> tuple[Tensor, dict[str, Tensor]]:
-        out = forward(x)
-        task = criterion(out, y)
+        task, out = objective(forward, inputs, targets)
         total = task
         parts: dict[str, Tensor] = {"task": task.detach()}
         for name, term in terms:

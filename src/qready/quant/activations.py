@@ -15,8 +15,8 @@ MAX_SAMPLES = 1 << 16
 class ActivationQuantizer(nn.Module):
     """Per-tensor fake quantization of an activation with parameters fixed after calibration.
 
-    While ``observing`` it records the running min/max and a random subsample (at most 65,536 values)
-    of what it sees and passes values through unchanged; :meth:`finish_calibration` fixes
+    While ``observing`` it records the running min/max and a random subsample (at most 65,536 values
+    per call, drawn uniformly with replacement) of what it sees and passes values through unchanged; :meth:`finish_calibration` fixes
     ``scale``/``zero_point`` (buffers, so they are saved with the model).
     """
 
@@ -39,9 +39,11 @@ class ActivationQuantizer(nn.Module):
         self._lo = min(self._lo, float(flat.min()))
         self._hi = max(self._hi, float(flat.max()))
         if self.spec.range != "minmax":
-            take = min(flat.numel(), MAX_SAMPLES)
-            idx = torch.randperm(flat.numel(), generator=self._generator)[:take]
-            self._samples.append(flat[idx])
+            if flat.numel() <= MAX_SAMPLES:
+                self._samples.append(flat)
+            else:  # uniform draws with replacement: O(samples), not a permutation of the whole tensor
+                idx = torch.randint(flat.numel(), (MAX_SAMPLES,), generator=self._generator)
+                self._samples.append(flat[idx])
 
     def finish_calibration(self) -> None:
         """Fix the parameters from what was observed; raises if nothing was observed."""

@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from .grid import fake_quantize_rows
 from .spec import QuantSpec
 
 MIN_SCALE = 1e-12
+MSE_BLOCK_ELEMENTS = 1 << 14
 
 
 def _row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -86,18 +86,23 @@ def compute_scale_zero_point(
 def _mse_search(
     rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid search of the clipping ratio minimising the squared error of each row."""
-    best_err = torch.full_like(lo, float("inf"))
-    best_scale = torch.ones_like(lo)
-    best_zp = torch.zeros_like(lo)
+    """Grid search of the clipping ratio minimising the squared error of each row.
+
+    Vectorised over rows and candidate ratios: candidates go in blocks whose ``[block, G, M]`` error
+    buffer holds about :data:`MSE_BLOCK_ELEMENTS` values (at least one candidate), with in-place
+    arithmetic. Each candidate's error is computed with the same operations, in the same order, as
+    :func:`~qready.quant.grid.fake_quantize_rows`, and ties keep the widest range (the first
+    candidate, ``r = 1``), so the result equals a candidate-by-candidate loop exactly.
+    """
     n = spec.mse_grid
-    for i in range(n, 0, -1):  # r = 1 first, so ties keep the widest range
-        r = i / n
-        scale, zp = scale_zero_point_from_range(lo * r, hi * r, spec)
-        fq = fake_quantize_rows(rows, scale[:, None], zp[:, None], spec.qmin, spec.qmax, binary=False)
-        err = (fq - rows).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    ratios = torch.arange(n, 0, -1, dtype=rows.dtype, device=rows.device) / n  # r = 1 first
+    scale, zp = scale_zero_point_from_range(lo * ratios[:, None], hi * ratios[:, None], spec)  # [n, G]
+    block = max(1, MSE_BLOCK_ELEMENTS // rows.numel())
+    err = rows.new_empty(n, rows.shape[0])
+    for c0 in range(0, n, block):
+        s, z = scale[c0:c0 + block, :, None], zp[c0:c0 + block, :, None]
+        buf = rows * (1.0 / s)
+        buf.round_().add_(z).clamp_(spec.qmin, spec.qmax).sub_(z).mul_(s).sub_(rows).square_()
+        torch.sum(buf, dim=2, out=err[c0:c0 + block])
+    best = err.argmin(dim=0, keepdim=True)  # the first minimum: the widest of tied ranges
+    return scale.gather(0, best)[0], zp.gather(0, best)[0]

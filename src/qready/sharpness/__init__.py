@@ -7,14 +7,15 @@
 * :class:`RhoSchedule` -- ρ = 0 during a warm-up, then ρ; :func:`build_step` -- a step strategy
   from a recipe block such as ``{kind: saq, rho: 0.3}``.
 * :func:`bops` -- bit operations per layer and in total.
-* :func:`search_mixed_precision`, :func:`prepare_mixed` -- per-layer bit widths under a BOPs budget,
-  then QAT (and SAQ) of the mixed-precision model.
+* :func:`search_mixed_precision` -- per-layer bit widths under a BOPs budget (``search="sensitivity"``
+  or ``"reinforce"``); :func:`prepare_mixed` / :func:`ptq_mixed` -- QAT (and SAQ) or weight-only PTQ
+  of the mixed-precision model.
 """
 
 from .ascent import RhoSchedule, ascent_direction
 from .bops import BopsReport, LayerBops, bops, bops_from_macs, layer_macs
 from .build import build_step
-from .mixed import MixedPrecisionResult, prepare_mixed, search_mixed_precision
+from .mixed import SEARCHES, MixedPrecisionResult, prepare_mixed, ptq_mixed, search_mixed_precision
 from .perturbation import Perturbation
 from .sam import ASAM, SAM, SAMStep
 from .saq import SAQ, SAQStep
@@ -31,6 +32,7 @@ __all__ = [
     "RhoSchedule",
     "SAMStep",
     "SAQStep",
+    "SEARCHES",
     "TwoPass",
     "ascent_direction",
     "bops",
@@ -38,5 +40,6 @@ __all__ = [
     "build_step",
     "layer_macs",
     "prepare_mixed",
+    "ptq_mixed",
     "search_mixed_precision",
 ]

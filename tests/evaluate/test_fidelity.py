@@ -2,6 +2,7 @@
 and report columns on unlabeled data."""
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -178,3 +179,37 @@ def test_models_keep_their_mode():
     model.eval()
     fidelity(model, other, [_data()[0]])
     assert not model.training and other.training
+
+
+def test_sweep_rows_on_unlabeled_and_labelled_data(tmp_path):
+    from qready.app.stages import write_report
+    from qready.evaluate import sweep
+    from qready.evaluate.report import sweep_tables
+    from qready.recipe import Recipe
+
+    model = _model()
+    x, y = _data(128)
+    unlabeled = [x[:64], x[64:]]
+    rows = sweep(model, unlabeled, bits=[8, 2, "W8A8"], calib=unlabeled)
+    by_label = {r["label"]: r for r in rows}
+    assert all(r["accuracy"] is None and r["loss"] is None for r in rows)
+    assert by_label["FP"]["agreement"] == 100.0 and by_label["FP"]["sqnr_db"] == math.inf
+    assert by_label["W8"]["kl"] < 1e-3 and by_label["W8"]["sqnr_db"] > 30  # 8 bits: nearly the float outputs
+    assert by_label["W2"]["kl"] > 10 * by_label["W8"]["kl"] and by_label["W2"]["sqnr_db"] < by_label["W8"]["sqnr_db"]
+    assert by_label["W8A8"]["agreement"] >= 90.0
+    labelled = sweep(model, [(x, y)], bits=[8], include_fp=False)[0]
+    assert labelled["accuracy"] is not None and labelled["kl"] == pytest.approx(by_label["W8"]["kl"], rel=1e-6)
+
+    titles = [t for t, _, _ in sweep_tables(rows)]
+    assert not any("accuracy" in t.lower() for t in titles)  # no labels: no accuracy table
+    assert any("agreement" in t for t in titles) and any("SQNR" in t for t in titles) and any("KL" in t for t in titles)
+    header, lines = next((h, ln) for t, h, ln in sweep_tables(rows) if "SQNR" in t)
+    assert header[:2] == ["range", "FP"] and lines[0][1] == "inf"
+    write_report(tmp_path, rows, Recipe(), plot=True)
+    report = (tmp_path / "report.md").read_text()
+    assert "Top-1 agreement" in report and "Test accuracy" not in report
+    saved = json.loads((tmp_path / "sweep.json").read_text())  # strict JSON: the infinite SQNR is null
+    assert saved[0]["sqnr_db"] is None and saved[1]["kl"] == pytest.approx(by_label["W8"]["kl"])
+    assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0  # plots the agreement without labels
+    with_labels = [t for t, _, _ in sweep_tables(sweep(model, [(x, y)], bits=[4]))]
+    assert with_labels[0].startswith("Test accuracy") and len(with_labels) == 5  # accuracy alongside fidelity

@@ -1,4 +1,5 @@
-"""One model, many bit widths: PTQ at each setting, evaluated on the same data."""
+"""One model, many bit widths: PTQ at each setting, evaluated on the same data (accuracy when labelled,
+fidelity to the float model always)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from ..quant.ptq import ptq
 from ..quant.select import Selector
 from ..quant.spec import ACT_BITS, WEIGHT_BITS, QuantSpec, check_bits
-from .metrics import evaluate
+from .fidelity import DEFAULT_CONFIDENCE, FIDELITY_KEYS, fidelity
 
 log = logging.getLogger("qready.sweep")
 
@@ -58,22 +59,31 @@ def sweep(
     select: Selector | dict | None = None,
     include_fp: bool = True,
     bn_recalibrate: bool = False,
+    calib_batches: int = 8,
+    confidence: float = DEFAULT_CONFIDENCE,
     device=None,
 ) -> list[dict]:
     """Evaluate ``model`` after PTQ at each bit setting.
 
     Args:
         model: the trained float model (not modified).
-        data: labelled evaluation batches, ``(inputs, targets)`` with inputs a tensor or a dict of model
-            keyword arguments (e.g. a test DataLoader).
+        data: evaluation batches of any form of :mod:`qready.batching` (e.g. a test DataLoader); labels
+            are optional (without them the rows carry fidelity only).
         bits: settings: ints / ``"W4"`` for weight-only, ``(w, a)`` / ``"W4A8"`` for weights and activations.
         spec: weight quantizer template (its ``bits`` is replaced); default per-channel symmetric min-max.
         act_spec: activation quantizer template; default per-tensor asymmetric with ``spec.range``.
         calib: calibration batches (any form of :mod:`qready.batching`), required when a setting quantizes activations.
         select: which modules to quantize.
         include_fp: add a first row for the float model.
+        bn_recalibrate: re-estimate BatchNorm statistics of each quantized model on ``calib``.
+        calib_batches: at most this many batches of ``calib`` are used per setting.
+        confidence: the float model's top-1 probability from which an input counts as confident.
     Returns:
-        one dict per setting: ``label, w_bits, a_bits, range, granularity, accuracy (%), loss``.
+        one dict per setting: ``label, w_bits, a_bits, range, granularity``, ``accuracy`` (%) and ``loss``
+        (``None`` for unlabeled ``data``) and the fidelity to the float model, measured in the same pass:
+        ``agreement`` and ``agreement_confident`` (top-1, %), ``confident_n``, ``kl`` (KL(float ‖
+        quantized), nats), ``sqnr_db`` (output SQNR, ``inf`` for the float row) and ``cosine`` (see
+        :mod:`qready.evaluate.fidelity`).
     """
     spec = spec or QuantSpec(bits=8, granularity="channel")
     settings = [parse_bit_setting(s) for s in bits]
@@ -83,7 +93,7 @@ def sweep(
     rows: list[dict] = []
 
     def record(w_bits: int | None, a_bits: int | None, qmodel: nn.Module) -> None:
-        metrics = evaluate(qmodel, data, device=device)
+        metrics = fidelity(model, qmodel, data, confidence=confidence, device=device)
         row = {
             "label": setting_label(w_bits, a_bits),
             "w_bits": w_bits,
@@ -92,8 +102,10 @@ def sweep(
             "granularity": spec.granularity,
             "accuracy": metrics["accuracy"],
             "loss": metrics["loss"],
+            **{key: metrics[key] for key in FIDELITY_KEYS},
         }
-        log.info("%s: accuracy %.2f%%, loss %.4f", row["label"], row["accuracy"], row["loss"])
+        log.info("%s: accuracy %s, agreement %.2f%%, KL %.4g", row["label"],
+                 "-" if row["accuracy"] is None else f"{row['accuracy']:.2f}%", row["agreement"], row["kl"])
         rows.append(row)
 
     if include_fp:
@@ -102,7 +114,7 @@ def sweep(
         a_spec = None if a_bits is None else replace(act_template, bits=a_bits)
         qmodel = ptq(
             model, replace(spec, bits=w_bits), calib=calib, act_spec=a_spec, select=select,
-            bn_recalibrate=bn_recalibrate,
+            bn_recalibrate=bn_recalibrate, calib_batches=calib_batches,
         )
         record(w_bits, a_bits, qmodel)
     return rows

@@ -8,8 +8,8 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """An unknown registry name; the message lists the valid names."""
+class UnknownNameError(KeyError, ValueError):
+    """An unknown registry name (a ``KeyError`` and a ``ValueError``); the message lists the valid names."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -104,9 +104,9 @@ def test_dkm_fine_tuning_through_fit_keeps_accuracy() -> None:
         ({"bits": 5, "method": "dkm"}, r"bits \(method='dkm'\) must be one of \[1, 2, 3, 4\]"),
         ({"bits": 9, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ({"bits": 0, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
-        ({"bits": 2, "method": "lloyd"}, "method must be one of"),
+        ({"bits": 2, "method": "lloyd"}, "unknown palettization method 'lloyd'; valid names: cluster, dkm, kmeans"),
         ({"bits": 2, "method": "kmeans", "granularity": "channel"}, "granularity must be one of"),
-        ({"bits": 2, "method": "kmeans", "granularity": "group"}, "group_size must be a positive int"),
+        ({"bits": 2, "method": "kmeans", "granularity": "group"}, r"group_size \(with granularity='group'\) must be an integer"),
         ({"bits": 2, "method": "kmeans", "group_size": 4}, "only used with granularity='group'"),
         ({"bits": 2, "method": "cluster"}, "needs reg="),
         ({"bits": 2, "method": "kmeans", "select": {"include": ("nothing",)}}, "nothing to palettize"),
@@ -115,6 +115,11 @@ def test_dkm_fine_tuning_through_fit_keeps_accuracy() -> None:
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         palettize(small_model(), **kwargs)
+
+
+def test_an_option_of_another_method_is_refused() -> None:
+    with pytest.raises(TypeError, match="method='kmeans' has no option 'tau'; its options: kmeans_method"):
+        palettize(small_model(), 2, "kmeans", tau=0.1)
 
 
 def test_dkm_override_above_four_bits_is_refused() -> None:

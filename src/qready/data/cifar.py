@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ._validate import check_bool, check_choice, check_int
+from ..checks import check_bool, check_choice, check_int
 from .registry import DATASETS, DatasetSplits
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"

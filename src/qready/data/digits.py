@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._validate import check_float
+from ..checks import check_float
 from .registry import DATASETS, DatasetSplits
 
 NUM_SAMPLES = 1797

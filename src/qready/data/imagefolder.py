@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ._validate import check_bool, check_int
+from ..checks import check_bool, check_int
 from .registry import DATASETS, DatasetSplits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

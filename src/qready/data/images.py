@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ._validate import check_float, check_int
+from ..checks import check_float, check_int
 from .imagefolder import EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, _pil_image
-from .registry import DATASETS, DatasetSplits
+from .registry import DATASETS, DatasetSplits, split_seeded
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 CENTER_FRACTION = 0.875  # the usual 224/256 evaluation crop
@@ -133,17 +133,6 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
 
 
-def split_files(files: list[Path], test_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """Seeded split by file: ``round(test_fraction * n)`` files (at least 1, at most ``n - 1``) held out."""
-    if len(files) < 2:
-        raise ValueError(f"the images dataset needs at least 2 image files to split; found {len(files)}")
-    n_test = min(len(files) - 1, max(1, round(test_fraction * len(files))))
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    test = sorted(order[:n_test])
-    train = sorted(order[n_test:])
-    return [files[i] for i in train], [files[i] for i in test]
-
-
 @DATASETS.register("images")
 def images(*, root: str | None = None, seed: int = 0, image_size: int = 224, test_fraction: float = 0.2,
            crops_per_file: int = 1, eval_crops_per_file: int = 1, min_scale: float = 0.25) -> DatasetSplits:
@@ -170,7 +159,7 @@ def images(*, root: str | None = None, seed: int = 0, image_size: int = 224, tes
     files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"images: no files with extensions {', '.join(EXTENSIONS)} under {folder}")
-    train, test = split_files(files, test_fraction, seed)
+    train, test = split_seeded(files, test_fraction, seed, what="image files")
     return DatasetSplits(
         train=UnlabeledImages(train, image_size, crops_per_file, min_scale, train=True, seed=seed),
         test=UnlabeledImages(test, image_size, eval_crops_per_file, min_scale, train=False, seed=seed),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._validate import check_int
+from ..checks import check_int
 from .registry import DATASETS, DatasetSplits
 
 NUM_CLASSES = 10

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -12,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qready.registry import Registry
 
-from ._validate import check_int
+from ..checks import check_int
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,16 @@ def _allowed_options(name: str) -> list[str] | None:
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         and p.name not in _COMMON
     ]
+
+
+def split_seeded(items: Sequence[T], test_fraction: float, seed: int, what: str) -> tuple[list[T], list[T]]:
+    """``(train, test)``: ``round(test_fraction * n)`` of ``items`` (at least 1, at most ``n - 1``) held
+    out at random (seeded), each side in the original order. ``what`` names the items in errors."""
+    if len(items) < 2:
+        raise ValueError(f"a train/test split needs at least 2 {what}; found {len(items)}")
+    n_test = min(len(items) - 1, max(1, round(test_fraction * len(items))))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in sorted(order[n_test:])], [items[i] for i in sorted(order[:n_test])]
 
 
 def list_datasets() -> list[str]:

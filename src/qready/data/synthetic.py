@@ -7,7 +7,7 @@ import math
 import torch
 from torch.utils.data import TensorDataset
 
-from ._validate import check_float, check_int, check_shape
+from ..checks import check_float, check_int, check_shape
 from .registry import DATASETS, DatasetSplits
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -16,9 +17,7 @@ def run_batches(model: nn.Module, batches: Iterable, max_batches: int) -> int:
     returns how many ran."""
     device = model_device(model)
     count = 0
-    for batch in batches:
-        if count >= max_batches:
-            break
+    for batch in itertools.islice(batches, max_batches):  # never draws a batch it does not use
         inputs = batch_inputs(batch)
         check_inputs_finite(inputs, "calibration")
         forward(model, move_inputs(inputs, device))

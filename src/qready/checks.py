@@ -1,4 +1,5 @@
-"""Small option validators shared by the dataset loaders (all raise ``ValueError`` naming the option)."""
+"""Argument checks shared by the whole library: each returns the checked value or raises ``ValueError``
+naming the argument (``name``, e.g. ``"group_size"`` or ``"option 'seed'"``) and what is allowed."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from collections.abc import Sequence
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     """``value`` as an ``int`` (bools refused), optionally ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"option {name!r} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"option {name!r} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -26,7 +27,7 @@ def check_float(
 ) -> float:
     """``value`` as a finite ``float`` within ``[minimum, maximum]`` (open interval if ``exclusive``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"option {name!r} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {value!r}")
     value = float(value)
     lo_bad = minimum is not None and (value <= minimum if exclusive else value < minimum)
     hi_bad = maximum is not None and (value >= maximum if exclusive else value > maximum)
@@ -34,31 +35,31 @@ def check_float(
         lo = "-inf" if minimum is None else repr(minimum)
         hi = "inf" if maximum is None else repr(maximum)
         interval = f"({lo}, {hi})" if exclusive else f"[{lo}, {hi}]"
-        raise ValueError(f"option {name!r} must be in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return value
 
 
 def check_bool(name: str, value: object) -> bool:
     """``value`` if it is a ``bool``."""
     if not isinstance(value, bool):
-        raise ValueError(f"option {name!r} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
 
 def check_shape(name: str, value: object) -> tuple[int, ...]:
     """``value`` as a non-empty tuple of positive ints (lists accepted, e.g. from YAML)."""
     if not isinstance(value, (tuple, list)) or len(value) == 0:
-        raise ValueError(f"option {name!r} must be a non-empty tuple of positive ints, got {value!r}")
+        raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")
     dims = []
     for d in value:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or int(d) < 1:
-            raise ValueError(f"option {name!r} must be a non-empty tuple of positive ints, got {value!r}")
+            raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {value!r}")
         dims.append(int(d))
     return tuple(dims)

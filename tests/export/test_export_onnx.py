@@ -154,7 +154,7 @@ def test_w4_weights_are_int4_at_opset_21_and_int8_below(digits, tmp_path) -> Non
     assert p21.stat().st_size < p8.stat().st_size
 
 
-def test_sub_8_bit_activations_are_clipped_in_the_integer_domain(digits, tmp_path) -> None:
+def test_sub_8_bit_activations_are_clipped_to_the_grid_ends(digits, tmp_path) -> None:
     splits, model, x = digits
     act4 = QuantSpec(bits=4, granularity="tensor", symmetric=False)
     q = ptq(model, QuantSpec(bits=4), calib=DataLoader(splits.train, batch_size=128), act_spec=act4).eval()
@@ -203,11 +203,12 @@ def test_palettized_and_off_grid_weights_use_an_exact_lut(tmp_path) -> None:
         assert np.abs(_run(path, x) - pal(x).numpy()).max() <= 1e-5
     assert set(weight_encodings(path).values()) == {"lut2 (uint8 indices)"}
     assert path.stat().st_size < export_onnx(model, x[:2], tmp_path / "fp.onnx").stat().st_size / 2.5
-    # grids that min-max re-derivation cannot reproduce (wrong w_bits, MSE clipping): still exact, as a LUT
+    # symmetric grids that min-max re-derivation cannot reproduce (wrong w_bits, MSE clipping): their own
+    # steps are recovered, so they are still stored exactly as 4-bit codes
     for name, spec, w_bits in (("w4", QuantSpec(bits=4), 8), ("mse", QuantSpec(bits=4, range="mse"), 4)):
         q = ptq(model, spec).eval()
         path = export_onnx(q, x[:2], tmp_path / f"{name}.onnx", w_bits=w_bits)
-        assert all(v.startswith("lut") for v in weight_encodings(path).values())
+        assert set(weight_encodings(path).values()) == {"int4 (W4)"}
         _assert_parity(q, path, x)
 
 

@@ -189,3 +189,32 @@ def test_two_bit_file_is_about_a_sixteenth_of_fp32(tmp_path) -> None:
     assert_close = load_packed(tmp_path / "m.qready", model_factory=conv_net)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(assert_close(x), pal(x))
+
+
+def test_save_packed_refuses_non_finite_tensors(tmp_path) -> None:
+    model = ptq(create_model("mlp", hidden=(16,), num_classes=4), QuantSpec(bits=4))
+    with torch.no_grad():
+        model.net[-1].bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*net\.\d+\.bias"):
+        save_packed(model, tmp_path / "nan.qready")
+    assert not (tmp_path / "nan.qready").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+def test_signed_grid_recovers_a_learned_step(bits: int, seed: int) -> None:
+    from qready.export.packed import signed_grid
+    from qready.quant import dequantize
+
+    g = torch.Generator().manual_seed(seed)
+    half = 2 ** (bits - 1)
+    step = torch.rand(6, 1, generator=g) * 0.1 + 1e-3  # arbitrary learned steps, not min-max ones
+    codes = torch.randint(-half, half, (6, 20), generator=g)
+    weight = codes.float() * step  # LSQ: round(clip(w / s)) * s
+    found = signed_grid(weight, max_bits=bits)
+    assert found is not None
+    assert torch.equal(dequantize(*found), weight) and found[1].bits <= bits
+    off = weight.clone()
+    off[0, 0] += step[0, 0] / 3
+    found_off = signed_grid(off, max_bits=bits)  # never an inexact encoding
+    assert found_off is None or torch.equal(dequantize(*found_off), off)

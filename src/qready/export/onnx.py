@@ -4,11 +4,14 @@
 :func:`qready.ptq`, a finalized QAT model or a palettized one) and writes an ONNX file that computes
 what the PyTorch model computes:
 
-* **Weights** of the selected layers (Conv/Linear/Embedding by default) are stored as integer codes
-  with a ``DequantizeLinear`` node: per-channel (axis 0) or per-tensor scales and zero points from
+* **Weights** of the selected layers (every weight-bearing layer type of :mod:`qready.quant.layers` by
+  default) are stored as integer codes with a ``DequantizeLinear`` node: per-channel (along each layer's
+  output-channel axis, e.g. 1 for Hugging Face ``Conv1D``) or per-tensor scales and zero points from
   :func:`qready.quant.quantize` with ``spec`` (default: symmetric per-channel min-max at ``w_bits``).
   Codes are INT8/UINT8, or packed INT4/UINT4 when the grid has at most 4 bits and ``opset >= 21``.
-  1-bit weights (``±scale``) are stored as codes ``±1`` with zero point 0.
+  1-bit weights (``±scale``) are stored as codes ``±1`` with zero point 0. A weight on another
+  symmetric per-channel grid (a learned LSQ step) is found with :func:`qready.export.packed.signed_grid`
+  and stored the same way, with its own steps.
   A weight that is not on that grid but has at most 256 distinct values per output channel
   (palettized, LSQ-finalized, or quantized with another spec) is stored exactly as uint8 indices and
   a float look-up table (``Cast -> [Add group offset] -> Gather``) when that is smaller than the
@@ -18,6 +21,9 @@ what the PyTorch model computes:
   finalized LSQ/STE QAT model) become ``QuantizeLinear -> [Clip] -> DequantizeLinear`` with the
   calibrated scale and zero point: an INT8/UINT8 code container (INT16 for 16-bit, opset >= 21), and
   an integer ``Clip`` to ``[qmin, qmax]`` when the grid is narrower than the container.
+  A finalized EWGS input quantizer (learned bounds ``l < u``, whose grid need not hold 0, so it has
+  no integer zero point) becomes the float graph ``l + Round(Clip((x - l) / (u - l), 0, 1)·L) / L·(u - l)``
+  with ``L = 2^b - 1``. 1-bit (sign) activations have no Q/DQ form and are refused.
 
 The graph comes from PyTorch's TorchScript-based exporter (``dynamo=False``: it works offline, without
 ``onnxscript``) at opset ``min(opset, 20)`` in ``TrainingMode.PRESERVE`` (so BatchNorm is not folded
@@ -38,6 +44,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +54,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..batching import Inputs, forward, move_inputs, output_tensor
 from ..quant.activations import ATTR, ActivationQuantizer
 from ..quant.grid import fake_quantize_rows
+from ..quant.layers import layer_spec, out_axis
 from ..quant.palettize.codebook import channel_groups, find_palette
+from ..quant.qat.quantizers import EWGSActivationQuantizer
+from ..quant.ranges import MIN_SCALE
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantSpec, check_bits
-from .packed import exact_uniform
+from .packed import exact_uniform, signed_grid
 
 log = logging.getLogger("qready.export")
 
@@ -61,6 +72,7 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 TORCH_EXPORTER_MAX_OPSET = 20  # the TorchScript-based exporter of torch 2.x
 INT4_OPSET = 21  # INT4/UINT4 and INT16/UINT16 in QuantizeLinear/DequantizeLinear
 METADATA_KEY = "qready.weights"
+NAMES_KEY = "qready.weight_initializers"  # {weight key: name of its initializer / decoded tensor}
 
 
 def _onnx() -> Any:
@@ -113,8 +125,9 @@ class _WeightEncoding:
     axis: int | None = None
 
 
-def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int) -> _WeightEncoding | None:
-    found = exact_uniform(w, spec)
+def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int, *, allow_small: bool = True
+                ) -> _WeightEncoding | None:
+    found = exact_uniform(w, spec) or signed_grid(w, axis=spec.axis)
     if found is None:
         return None
     codes, params = found
@@ -123,7 +136,7 @@ def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int) -> _Weig
     qmin, qmax = params.qmin, params.qmax
     if params.extra.get("binary"):  # values (2c - 1)·scale: codes ±1, zero point 0
         codes, zero_point, qmin, qmax = 2 * codes - 1, torch.zeros_like(zero_point), -1, 1
-    c = _container(qmin, qmax, opset, f"weight {key!r}")
+    c = _container(qmin, qmax, opset, f"weight {key!r}", allow_small=allow_small)
     per_tensor = params.granularity == "tensor"
     scale = params.scale.float().numpy()
     zp = zero_point.numpy()
@@ -132,22 +145,22 @@ def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int) -> _Weig
         arrays={"quantized": codes.numpy().astype(c.numpy),
                 "scale": scale.reshape(()) if per_tensor else scale,
                 "zero_point": (zp.reshape(()) if per_tensor else zp).astype(c.numpy)},
-        axis=None if per_tensor else 0,
+        axis=None if per_tensor else params.axis,
     )
 
 
-def _lut_weight(key: str, w: torch.Tensor) -> _WeightEncoding | None:
-    """uint8 indices into a flat LUT ``[G·K]``; channel ``c`` reads from ``offsets[c] = group(c)·K``."""
+def _lut_weight(key: str, w: torch.Tensor, axis: int) -> _WeightEncoding | None:
+    """uint8 indices into a flat LUT ``[G·K]``; channel ``c`` (along ``axis``) reads from ``offsets[c] = group(c)·K``."""
     if w.dim() < 2:
         return None
-    palette = find_palette(w, max_bits=8)
+    palette = find_palette(w, max_bits=8, axis=axis)
     if palette is None:
         return None
     groups, k = palette.lut.shape
     offsets = torch.zeros(0, dtype=torch.int64)
     if groups > 1:
-        channel_group = channel_groups(tuple(w.shape), palette.group_size).reshape(w.shape[0], -1)[:, 0]
-        offsets = (channel_group * k).reshape(-1, *([1] * (w.dim() - 1)))
+        element_group = channel_groups(tuple(w.shape), palette.group_size, axis=axis).reshape(w.shape)
+        offsets = element_group.amax(dim=[d for d in range(w.dim()) if d != axis], keepdim=True) * k
     if palette.lut.numel() * 4 + w.numel() + offsets.numel() * 8 >= w.numel() * 4:
         return None  # few elements per channel: LUT + indices would be larger than the float weight
     return _WeightEncoding(
@@ -171,11 +184,11 @@ def _encode_weights(model: nn.Module, spec: QuantSpec, selector: Selector, opset
         seen.add(id(item.module.weight))
         key = f"{item.name}.weight" if item.name else "weight"
         w = item.module.weight.detach().float().cpu()
-        layer_spec = spec if item.bits_override is None else spec.with_bits(item.bits_override)
-        enc = _qdq_weight(key, w, layer_spec, opset) or _lut_weight(key, w)
+        w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
+        enc = _qdq_weight(key, w, w_spec, opset) or _lut_weight(key, w, out_axis(item.module) or 0)
         if enc is None:
             log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
-                        item.name, layer_spec.bits)
+                        item.name, w_spec.bits)
             labels[key] = "float"
             continue
         encodings.append(enc)
@@ -202,12 +215,12 @@ class _QDQ(torch.autograd.Function):
         dtype = _TORCH_CONTAINERS[container]
         s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
-        q = g.op("QuantizeLinear", x, s, z)
         lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
-        if (qmin, qmax) != (lo, hi):
-            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
-                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
-        return g.op("DequantizeLinear", q, s, z)
+        if (qmin, qmax) != (lo, hi):  # clip in the float domain: ends of the grid, exactly
+            bounds = [g.op("Constant", value_t=torch.tensor((code - zero_point) * scale, dtype=torch.float32))
+                      for code in (qmin, qmax)]
+            x = g.op("Clip", x, *bounds)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
 
 
 _TORCH_CONTAINERS = {"INT8": torch.int8, "UINT8": torch.uint8, "INT16": torch.int16, "UINT16": torch.uint16}
@@ -219,12 +232,33 @@ class _ExportQuantizer(nn.Module):
     def __init__(self, quantizer: ActivationQuantizer, opset: int, where: str) -> None:
         super().__init__()
         spec = quantizer.spec
+        if spec.is_binary:
+            raise ValueError(f"the input quantizer of {where!r} is 1-bit (sign times scale), which ONNX "
+                             "QuantizeLinear/DequantizeLinear cannot express; use 2 or more activation bits")
         self.args = (float(quantizer.scale.reshape(())), int(quantizer.zero_point.reshape(())), spec.qmin, spec.qmax,
                      _container(spec.qmin, spec.qmax, opset, f"the input quantizer of {where!r}",
                                 allow_small=False).name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QDQ.apply(x, *self.args) if x.is_floating_point() else x
+
+
+class _ExportEWGS(nn.Module):
+    """Stands in for a finalized EWGS input quantizer during export: the same arithmetic, in the same
+    order, as plain tensor ops (Sub, Div, Clip, Mul, Round, Add) that the exporter traces."""
+
+    def __init__(self, quantizer: EWGSActivationQuantizer) -> None:
+        super().__init__()
+        self.register_buffer("lower", quantizer.lower.detach().clone())
+        self.register_buffer("upper", quantizer.upper.detach().clone())
+        self.levels = quantizer.levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return x
+        width = (self.upper - self.lower).clamp_min(MIN_SCALE)
+        return torch.round(torch.clamp((x - self.lower) / width, 0.0, 1.0) * self.levels) / self.levels * width \
+            + self.lower
 
 
 def _swap_activation_quantizers(model: nn.Module, opset: int) -> int:
@@ -237,6 +271,9 @@ def _swap_activation_quantizers(model: nn.Module, opset: int) -> int:
                                  "batches and finish_calibration() first (qready.ptq does)")
             setattr(module, ATTR, _ExportQuantizer(quantizer, opset, name))
             count += 1
+        elif isinstance(quantizer, EWGSActivationQuantizer):
+            setattr(module, ATTR, _ExportEWGS(quantizer))
+            count += 1
     return count
 
 
@@ -246,8 +283,9 @@ def _swap_activation_quantizers(model: nn.Module, opset: int) -> int:
 def _find_initializer(graph: Any, enc: _WeightEncoding, numpy_helper: Any) -> tuple[Any, bool]:
     """The initializer holding ``enc``'s weight and whether it is stored transposed (2-D MatMul)."""
     by_name = {init.name: init for init in graph.initializer}
-    if enc.key in by_name:
-        return by_name[enc.key], False
+    for name in (enc.key, f"{_Traced.PREFIX}{enc.key}"):
+        if name in by_name:
+            return by_name[name], False
     for init in graph.initializer:
         if tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value):
             return init, False
@@ -269,7 +307,7 @@ def _rewrite_weight(graph: Any, enc: _WeightEncoding, onnx: Any) -> list[Any]:
         axis = enc.axis
         if transposed:
             arrays["quantized"] = np.ascontiguousarray(arrays["quantized"].T)
-            axis = None if axis is None else 1
+            axis = None if axis is None else 1 - axis
         for part in ("quantized", "scale", "zero_point"):
             graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
         attrs = {} if axis is None else {"axis": axis}
@@ -277,7 +315,7 @@ def _rewrite_weight(graph: Any, enc: _WeightEncoding, onnx: Any) -> list[Any]:
                                  [name], name=f"{name}_DequantizeLinear", **attrs)]
     if transposed:
         arrays["indices"] = np.ascontiguousarray(arrays["indices"].T)
-        arrays["offsets"] = arrays["offsets"].reshape(1, -1)
+        arrays["offsets"] = np.ascontiguousarray(arrays["offsets"].T)
     parts = ("indices", "lut", "offsets") if arrays["offsets"].size else ("indices", "lut")
     for part in parts:
         graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
@@ -290,14 +328,34 @@ def _rewrite_weight(graph: Any, enc: _WeightEncoding, onnx: Any) -> list[Any]:
     return nodes
 
 
-def _torch_export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
+class _Traced(nn.Module):
+    """What the exporter traces for a model taking keyword inputs (passed here positionally, in
+    ``names`` order): the model's output tensor (``.logits`` of a Hugging Face output). Its weights'
+    initializers are named ``PREFIX + state_dict key``."""
+
+    PREFIX = "model."
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return output_tensor(forward(self.model, dict(zip(self.names, args, strict=True))))
+
+
+def _torch_export(model: nn.Module, example_input: Inputs, opset: int) -> bytes:
+    if isinstance(example_input, torch.Tensor):
+        traced, args, input_names = model, (example_input,), ["input"]
+    else:
+        input_names = list(example_input)
+        traced, args = _Traced(model, input_names), tuple(example_input.values())
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model, (example_input,), buffer, dynamo=False, opset_version=min(opset, TORCH_EXPORTER_MAX_OPSET),
-            training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            traced, args, buffer, dynamo=False, opset_version=min(opset, TORCH_EXPORTER_MAX_OPSET),
+            training=torch.onnx.TrainingMode.PRESERVE, input_names=input_names, output_names=["output"],
+            dynamic_axes={**{n: {0: "batch"} for n in input_names}, "output": {0: "batch"}},
         )
     return buffer.getvalue()
 
@@ -313,27 +371,37 @@ def _check_opset(opset: int | None, onnx: Any) -> int:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Inputs,
     path: str | os.PathLike,
     *,
     w_bits: int = 8,
     opset: int | None = None,
     spec: QuantSpec | None = None,
     select: Selector | dict | None = None,
+    weights_only: bool = False,
+    block_size: int = 32,
 ) -> Path:
     """Write ``model`` as an ONNX QDQ file at ``path`` and return the path (see the module docstring).
 
     Args:
         model: a quantized float32 model (weights on their grid, activation quantizers calibrated);
             it is not modified (a copy is exported in eval mode, on the CPU).
-        example_input: one input batch ``[B, ...]`` (the batch dimension is exported as dynamic).
+        example_input: one input batch ``[B, ...]``, or a dict of tensor keyword arguments (Hugging Face
+            ``{"input_ids": ..., "attention_mask": ...}``; each becomes a graph input of that name).
+            The batch dimension is exported as dynamic; the graph's output is the model's output
+            tensor (``.logits`` of a Hugging Face output).
         w_bits: bit width of the weights' grid (used when ``spec`` is None).
         opset: ONNX opset (default 21, or the installed onnx's highest if lower); >= 13. INT4/UINT4
             weight codes need >= 21; with less, 4-bit codes are stored in INT8/UINT8.
-        spec: the weights' quantizer (granularity ``"tensor"`` or ``"channel"``, axis 0); default
+        spec: the weights' quantizer (granularity ``"tensor"`` or ``"channel"``; per channel, each layer's
+            output-channel axis comes from :mod:`qready.quant.layers`, leave ``spec.axis`` at 0); default
             ``QuantSpec(bits=w_bits, granularity="channel")``. A layer's ``Selector`` bit override
             applies as in :func:`qready.ptq`.
         select: which layers' weights are encoded (a :class:`~qready.quant.Selector` or its kwargs).
+        weights_only: Linear weights with 2, 4 or 8 bits as ONNX Runtime's block-quantized
+            ``MatMulNBits`` (``spec`` may then be ``"group"``-wise), other weights as 8-bit QDQ
+            (see :mod:`qready.export.onnx_weights`); activation quantizers are refused.
+        block_size: ``MatMulNBits`` block along the input features (16, 32, 64, 128 or 256).
     Raises:
         ImportError: onnx is not installed (``pip install 'qready[export]'``).
         ValueError: invalid arguments, a weight still parametrized by QAT, an uncalibrated activation
@@ -345,27 +413,42 @@ def export_onnx(
         spec = QuantSpec(bits=w_bits, granularity="channel")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec or None; got {type(spec).__name__}")
-    if spec.granularity not in ("tensor", "channel") or spec.axis != 0:
-        raise ValueError("export_onnx supports weight granularity 'tensor' or 'channel' (axis 0); got "
+    if spec.granularity not in ("tensor", "channel", *(("group",) if weights_only else ())) or spec.axis != 0:
+        raise ValueError("export_onnx supports weight granularity 'tensor' or 'channel' (axis 0; also 'group' "
+                         "with weights_only=True); got "
                          f"granularity={spec.granularity!r}, axis={spec.axis}")
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor; got {type(example_input).__name__}")
+    if not isinstance(example_input, torch.Tensor) and not (
+            isinstance(example_input, Mapping) and example_input
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in example_input.items())):
+        raise TypeError("example_input must be a tensor or a non-empty dict of tensor keyword arguments; "
+                        f"got {type(example_input).__name__}")
     opset = _check_opset(opset, onnx)
     selector = as_selector(select)
 
     work = copy.deepcopy(model).cpu().float().eval()
-    encodings, labels = _encode_weights(work, spec, selector, opset)
+    if weights_only:
+        from .onnx_weights import encode_weights_only
+
+        encodings, nbits, labels = encode_weights_only(work, spec, selector, opset, block_size)
+    else:
+        encodings, labels, nbits = *_encode_weights(work, spec, selector, opset), []
     n_act = _swap_activation_quantizers(work, opset)
-    proto = onnx.load_from_string(_torch_export(work, example_input.detach().cpu(), opset))
+    proto = onnx.load_from_string(_torch_export(work, move_inputs(example_input, "cpu"), opset))
     if opset > TORCH_EXPORTER_MAX_OPSET:
         from onnx import version_converter
 
         proto = version_converter.convert_version(proto, opset)
+    names = {e.key: _find_initializer(proto.graph, e, onnx.numpy_helper)[0].name for e in [*encodings, *nbits]}
     nodes = [node for enc in encodings for node in _rewrite_weight(proto.graph, enc, onnx)]
     for node in reversed(nodes):  # before every consumer: they only read initializers
         proto.graph.node.insert(0, node)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(labels)
+    if nbits:
+        from .onnx_weights import add_nbits
+
+        add_nbits(proto, nbits)
+    for key, value in ((METADATA_KEY, labels), (NAMES_KEY, names)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
 
     target = Path(path)

@@ -12,8 +12,13 @@ where ``<key>`` is the weight's ``state_dict`` key. Everything else (biases, Bat
 neither) is stored as is. Both encodings reproduce the weights bit for bit (a re-derived scale is
 nudged by a few ulps when needed), so the loaded model's outputs equal the saved model's.
 
-The safetensors header metadata holds ``"qready"`` (JSON: format, version, the user's ``meta`` and
-how each layer is encoded) and ``"qready_sha256"``: the SHA-256 of the tensor table (names, dtypes,
+Activation quantizers (calibrated PTQ ranges, finalized STE/LSQ steps, finalized EWGS bounds) are kept:
+their tensors are stored as is and their kinds in the metadata (``"activations"``, see
+:mod:`qready.export.activations`), so :func:`load_packed` re-attaches them and the reloaded model
+quantizes its activations exactly as the saved one did. Non-finite tensors are refused.
+
+The safetensors header metadata holds ``"qready"`` (JSON: format, version, the user's ``meta``, how
+each layer is encoded and the activation quantizers) and ``"qready_sha256"``: the SHA-256 of the tensor table (names, dtypes,
 shapes, offsets; canonical JSON), the ``"qready"`` string and the tensor payload, so it covers
 everything but itself.
 ``load_packed`` checks it before decoding: a truncated or modified file is refused with an error
@@ -38,10 +43,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quant.functional import dequantize, quantize
-from ..quant.grid import to_rows
+from ..quant.grid import from_rows, to_rows
+from ..quant.layers import layer_spec, out_axis
 from ..quant.palettize.codebook import Palette, channel_groups, distinct_values, find_palette, lookup
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantParams, QuantSpec, check_bits
+from ..quant.validate import first_nonfinite
+from .activations import activation_layout, attach_activation_layout
 from .bitpack import pack_bits, unpack_bits
 
 log = logging.getLogger("qready.export")
@@ -88,6 +96,45 @@ def exact_uniform(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
     return None
 
 
+def signed_grid(weight: torch.Tensor, max_bits: int = 8, axis: int = 0) -> tuple[torch.Tensor, QuantParams] | None:
+    """``(codes, params)`` of a symmetric per-channel grid (zero point 0, channels along ``axis``, at most
+    ``max_bits`` bits) with ``dequantize(codes, params) == weight`` bit for bit, or ``None``.
+
+    This recovers grids whose step was learned rather than derived from the weight's range (LSQ
+    weights ``round(clip(w / s)) · s``, whose largest code need not be used): each channel's step is
+    ``a / k`` for its smallest non-zero magnitude ``a`` and the smallest ``k`` in ``1 .. 2^(b-1)``
+    (nudged by up to :data:`MAX_ULP_NUDGE` ulps) that reproduces every value of the channel.
+    """
+    w = weight.detach().float()
+    if w.dim() == 0 or w.numel() == 0 or not bool(torch.isfinite(w).all()):
+        return None
+    rows = to_rows(w, "channel", axis)
+    magnitude = rows.abs()
+    smallest = torch.where(magnitude > 0, magnitude, torch.inf).amin(dim=1)
+    smallest = torch.where(torch.isinf(smallest), torch.ones_like(smallest), smallest)  # all-zero channel
+    half = 2 ** (max_bits - 1)
+    scale, done = torch.ones_like(smallest), torch.zeros(rows.shape[0], dtype=torch.bool)
+    for k in range(1, half + 1):
+        for steps in [0, *[s for j in range(1, MAX_ULP_NUDGE + 1) for s in (j, -j)]]:
+            trial = _nudged(smallest / k, steps)
+            codes = torch.round(rows / trial[:, None])
+            exact = (codes * trial[:, None] == rows).all(dim=1) & (codes.abs() <= half).all(dim=1) & ~done
+            scale = torch.where(exact, trial, scale)
+            done |= exact
+        if bool(done.all()):
+            break
+    if not bool(done.all()):
+        return None
+    codes = torch.round(rows / scale[:, None])
+    lo, hi = int(codes.min()), int(codes.max())
+    bits = next(b for b in range(2, max_bits + 1) if -(2 ** (b - 1)) <= lo and hi <= 2 ** (b - 1) - 1)
+    params = QuantParams(scale=scale, zero_point=torch.zeros_like(scale, dtype=torch.int32), bits=bits,
+                         qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, granularity="channel",
+                         shape=tuple(w.shape), axis=axis)
+    codes = from_rows(codes, tuple(w.shape), "channel", axis).to(torch.int32)
+    return (codes, params) if torch.equal(dequantize(codes, params), w) else None
+
+
 def _uniform_entry(key: str, codes: torch.Tensor, params: QuantParams, dtype: torch.dtype
                    ) -> tuple[dict[str, torch.Tensor], dict]:
     shifted = (codes.to(torch.int32) - params.qmin).to(torch.uint8)
@@ -106,7 +153,7 @@ def _lut_entry(key: str, palette: Palette, dtype: torch.dtype) -> tuple[dict[str
     tensors = {f"{key}{SEP}indices": pack_bits(palette.indices, palette.bits),
                f"{key}{SEP}lut": palette.lut.float().contiguous()}
     info = {"kind": "lut", "bits": palette.bits, "shape": list(palette.indices.shape),
-            "dtype": str(dtype).removeprefix("torch."), "group_size": palette.group_size}
+            "dtype": str(dtype).removeprefix("torch."), "group_size": palette.group_size, "axis": palette.axis}
     return tensors, info
 
 
@@ -114,37 +161,41 @@ def _entry_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _auto_uniform(weight: torch.Tensor) -> tuple[torch.Tensor, QuantParams] | None:
-    """The first per-channel grid (symmetric, then asymmetric; fewest bits) that reproduces ``weight``."""
+def _auto_uniform(weight: torch.Tensor, axis: int) -> tuple[torch.Tensor, QuantParams] | None:
+    """The first per-channel grid along ``axis`` (symmetric, then asymmetric; fewest bits) that
+    reproduces ``weight``."""
     if weight.dim() == 0:
         return None
-    most = int(torch.bincount(distinct_values(weight, 1)[0]).max())
+    most = int(torch.bincount(distinct_values(weight, 1, axis)[0]).max())
     for bits in range(max(1, math.ceil(math.log2(most))), max(WEIGHT_BITS) + 1):
-        specs = [QuantSpec(bits=1)] if bits == 1 else [QuantSpec(bits=bits), QuantSpec(bits=bits, symmetric=False)]
+        specs = ([QuantSpec(bits=1, axis=axis)] if bits == 1 else
+                 [QuantSpec(bits=bits, axis=axis), QuantSpec(bits=bits, symmetric=False, axis=axis)])
         for spec in specs:
             found = exact_uniform(weight, spec)
             if found is not None:
                 return found
-    return None
+    return signed_grid(weight, axis=axis)
 
 
-def _encode(name: str, key: str, weight: torch.Tensor, spec_or_bits: QuantSpec | int | None,
+def _encode(name: str, module: nn.Module, key: str, weight: torch.Tensor, spec_or_bits: QuantSpec | int | None,
             override: int | None) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The packed tensors and metadata of one selected weight, or ``None`` to store it as is."""
+    """The packed tensors and metadata of one selected weight (channels along ``module``'s
+    output-channel axis), or ``None`` to store it as is."""
+    axis = out_axis(module) or 0
     if isinstance(spec_or_bits, QuantSpec):
-        spec = spec_or_bits if override is None else spec_or_bits.with_bits(override)
+        spec = layer_spec(module, spec_or_bits if override is None else spec_or_bits.with_bits(override))
         found = exact_uniform(weight, spec)
         if found is None:
             raise ValueError(f"the weight of {name!r} is not on the grid of {spec}; quantize the model with "
                              "that spec first (qready.ptq) or pass spec_or_bits=None to detect encodings")
         return _uniform_entry(key, *found, weight.dtype)
     bits = override if override is not None else spec_or_bits
-    palette = find_palette(weight, bits=bits)
+    palette = find_palette(weight, bits=bits, axis=axis)
     if palette is None:
         return None
     best = _lut_entry(key, palette, weight.dtype)
     if spec_or_bits is None:
-        uniform = _auto_uniform(weight)
+        uniform = _auto_uniform(weight, axis)
         if uniform is not None:
             candidate = _uniform_entry(key, *uniform, weight.dtype)
             if _entry_bytes(candidate[0]) < _entry_bytes(best[0]):
@@ -190,13 +241,15 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, spec_or_bits: Quan
     """Write ``model`` as a packed safetensors file (see the module docstring).
 
     Args:
-        model: a palettized or quantized model (finalized: no parametrizations left).
+        model: a palettized or quantized model (finalized: no parametrizations left); its activation
+            quantizers, if any, are saved with it.
         path: output file.
         spec_or_bits: ``None`` detects each selected layer's encoding (LUT or uniform grid, fewest bytes);
             an int ``b`` stores layers with at most ``2^b`` distinct values per LUT group as ``b``-bit
             LUT indices; a :class:`QuantSpec` stores uniform codes re-derived with that spec (a layer off
             its grid is an error).
-        select: which layers to encode (default: Linear/Conv/Embedding); others are stored as is.
+        select: which layers to encode (default: every weight-bearing layer type of
+            :mod:`qready.quant.layers`); others are stored as is.
         meta: JSON-serialisable information kept in the file; ``{"model": name, "model_kwargs": {...}}``
             lets :func:`load_packed` rebuild the model with :func:`qready.models.create_model`.
     Returns:
@@ -212,19 +265,24 @@ def save_packed(model: nn.Module, path: str | os.PathLike, *, spec_or_bits: Quan
     except (TypeError, ValueError) as err:
         raise TypeError(f"meta must be JSON-serialisable: {err}") from None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(state.items())
+    if bad is not None:
+        raise ValueError(f"cannot save a packed model with non-finite tensors: {bad}")
+    activations = activation_layout(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     kinds: dict[str, str] = {}
     for item in as_selector(select).select(model):
         key = f"{item.name}.weight" if item.name else "weight"
-        encoded = _encode(item.name, key, state[key], spec_or_bits, item.bits_override)
+        encoded = _encode(item.name, item.module, key, state[key], spec_or_bits, item.bits_override)
         kinds[item.name] = "float" if encoded is None else encoded[1]["kind"]
         if encoded is not None:
             tensors.update(encoded[0])
             layers[key] = encoded[1]
             del state[key]
     tensors.update({k: v.clone().contiguous() for k, v in state.items()})
-    body = json.dumps({"format": FORMAT, "version": VERSION, "meta": meta or {}, "layers": layers}, sort_keys=True)
+    body = json.dumps({"format": FORMAT, "version": VERSION, "meta": meta or {}, "layers": layers,
+                       "activations": activations}, sort_keys=True)
     header, payload = _split(st_save(tensors, metadata={META_KEY: body}))
     digest = _digest(header, body, payload)
     blob = st_save(tensors, metadata={META_KEY: body, DIGEST_KEY: digest})
@@ -270,7 +328,8 @@ def _decode(key: str, info: dict, tensors: dict[str, torch.Tensor]) -> torch.Ten
     dtype = getattr(torch, info["dtype"])
     if info["kind"] == "lut":
         indices = unpack_bits(tensors[f"{key}{SEP}indices"], info["bits"], n).reshape(shape)
-        return lookup(indices, tensors[f"{key}{SEP}lut"], channel_groups(shape, info["group_size"])).to(dtype)
+        groups = channel_groups(shape, info["group_size"], axis=info.get("axis", 0))
+        return lookup(indices, tensors[f"{key}{SEP}lut"], groups).to(dtype)
     codes = unpack_bits(tensors[f"{key}{SEP}codes"], info["bits"], n).to(torch.int32) + info["qmin"]
     params = QuantParams(scale=tensors[f"{key}{SEP}scale"], zero_point=tensors[f"{key}{SEP}zero_point"],
                          bits=info["bits"], qmin=info["qmin"], qmax=info["qmax"], granularity=info["granularity"],
@@ -285,7 +344,8 @@ def read_packed_meta(path: str | os.PathLike) -> dict:
 
 
 def load_packed(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """Rebuild a float model from a :func:`save_packed` file (eval mode).
+    """Rebuild a model from a :func:`save_packed` file (eval mode): decoded weights and the saved
+    activation quantizers, so its outputs equal those of the saved model.
 
     Args:
         path: the packed file; it is refused (``ValueError`` naming it) when its digest does not match.
@@ -307,5 +367,6 @@ def load_packed(path: str | os.PathLike, model_factory: Callable[[], nn.Module] 
         model = create_model(meta["model"], **meta.get("model_kwargs", {}))
     else:
         model = model_factory()
+    attach_activation_layout(model, info.get("activations") or {})
     model.load_state_dict(state, strict=True)
     return model.eval()

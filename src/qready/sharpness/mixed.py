@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..batching import batch_inputs, batch_targets, forward, model_device, move_inputs, output_tensor
+from ..checks import check_choice, check_float, check_int
 from ..quant.activations import ATTR
 from ..quant.ptq import ptq
 from ..quant.qat import calibrate_activation_quantizers, prepare_qat
@@ -55,13 +56,6 @@ from .search import (
 
 __all__ = ["SEARCHES", "MixedPrecisionResult", "config_bops", "prepare_mixed", "ptq_mixed", "search_mixed_precision",
            "sharpness_loss"]
-
-
-def _number(name: str, value: object, low: float, *, integer: bool = False, strict: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low or (strict and value == low):
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} {'>' if strict else '>='} {low}; "
-                         f"got {value!r}")
 
 
 @torch.no_grad()
@@ -139,11 +133,10 @@ def search_mixed_precision(
         raise ValueError(f"bits must be a non-empty sequence of weight bit widths 1-8; got {bits!r}")
     check_act(a_bits)
     rho = check_rho(rho)
-    _number("target_bops", target_bops, 0, strict=True)
-    _number("batches", batches, 1, integer=True)
-    _number("lam", lam, 0)
-    if loss not in OBJECTIVES:
-        raise ValueError(f"loss must be one of {list(OBJECTIVES)}; got {loss!r}")
+    check_float("target_bops", target_bops, minimum=0.0, exclusive=True)
+    check_int("batches", batches, minimum=1)
+    check_float("lam", lam, minimum=0.0)
+    check_choice("loss", loss, OBJECTIVES)
     selector = as_selector(select) if select is not None else Selector(types=LAYER_TYPES)
     data = _search_data(model, calib, batches, loss)
 

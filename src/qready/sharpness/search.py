@@ -57,11 +57,11 @@ def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
 
 
 def kl_to_teacher(output: Tensor, teacher: Tensor) -> Tensor:
-    """``KL(softmax(teacher) ‖ softmax(output))`` per sample (mean over the rows of ``[..., C]`` logits):
-    the label-free loss, the float model's own logits as the teacher."""
-    s = nn.functional.log_softmax(output.reshape(-1, output.shape[-1]).float(), dim=-1)
-    t = nn.functional.log_softmax(teacher.reshape(-1, teacher.shape[-1]).float(), dim=-1)
-    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    """Mean over positions of ``KL(softmax(teacher) ‖ softmax(output))`` (logits ``[..., C]``): the
+    label-free loss, the float model's own logits as the teacher."""
+    from ..evaluate.fidelity import softmax_kl
+
+    return softmax_kl(teacher.float(), output.float()).mean()
 
 
 def sharpness_loss(model: nn.Module, weights: Sequence[Tensor], batches: Sequence[tuple[Inputs, Tensor]],

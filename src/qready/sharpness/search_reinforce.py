@@ -19,18 +19,12 @@ from collections.abc import Mapping
 
 import torch
 
+from ..checks import check_float, check_int
 from .policy import POLICIES, rollout
 from .search import SEARCHES, MixedPrecisionResult, SearchProblem
 from .supernet import Supernet
 
 LEARNING_RATES: dict[str, float] = {"independent": 0.2, "lstm": 0.03}
-
-
-def _check(name: str, value: object, low: float, integer: bool, high: float | None = None) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {'an int' if integer else 'a number'} {bound}; got {value!r}")
 
 
 def _repair(problem: SearchProblem, config: Mapping[str, int]) -> dict[str, int]:
@@ -65,14 +59,13 @@ def reinforce_search(problem: SearchProblem, *, policy: str = "independent", hid
             and ``w_granularity``); hand the result to :func:`prepare_mixed` with the same ones to start
             QAT from exactly the evaluated model.
     """
-    for name, value, low, integer in (("hidden", hidden, 1, True), ("steps", steps, 1, True),
-                                      ("samples", samples, 1, True), ("final", final, 1, True),
-                                      ("seed", seed, 0, True), ("entropy", entropy, 0, False)):
-        _check(name, value, low, integer)
-    lr = LEARNING_RATES.get(policy, 0.1) if lr is None else lr
-    _check("lr", lr, 1e-12, False)
-    _check("momentum", momentum, 0, False, 1)
     factory = POLICIES.get(policy)
+    for name, value, low in (("hidden", hidden, 1), ("steps", steps, 1), ("samples", samples, 1),
+                             ("final", final, 1), ("seed", seed, 0)):
+        check_int(name, value, minimum=low)
+    entropy = check_float("entropy", entropy, minimum=0.0)
+    momentum = check_float("momentum", momentum, minimum=0.0, maximum=1.0)
+    lr = check_float("lr", LEARNING_RATES[policy] if lr is None else lr, minimum=0.0, exclusive=True)
     p, bits, free = problem, problem.bits, problem.free
     net = Supernet(p.model, {n: bits if n in free else [p.fixed[n]] for n in p.layers}, p.a_bits, p.data, len(p.data),
                    method=method, w_granularity=granularity, range=w_range)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..quant.activations import ATTR
 from ..quant.ptq import ptq
 from ..quant.select import Selector
@@ -112,9 +113,8 @@ def sensitivity_search(problem: SearchProblem, *, candidates: int = 8, w_range: 
     """Sensitivities + exact DP (see the module docstring). ``candidates``: DP solutions measured for the
     final choice; ``w_range``/``a_range``/``granularity``: the PTQ quantizers of the views; ``resolution``:
     at most this many budget units in the DP."""
-    for name, value, low in (("candidates", candidates, 1), ("resolution", resolution, 10)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+    check_int("candidates", candidates, minimum=1)
+    check_int("resolution", resolution, minimum=10)
     p, bits, free = problem, problem.bits, problem.free
     views = _Views(p.model, p.data, bits, p.selector, p.a_bits, w_range, a_range, granularity)
     weights = [views.layers[n].weight for n in p.layers]

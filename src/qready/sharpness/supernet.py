@@ -66,6 +66,15 @@ class Supernet:
             if self.input_q[n]:
                 attach_input_module(layer, next(iter(self.input_q[n].values())))
         self.config: dict[str, int] = {}
+        self._quantized: dict[tuple[str, int], Tensor] = {}
+
+    def quantized_weight(self, name: str, bits: int) -> Tensor:
+        """``Q_bits(w)`` of layer ``name`` from its float weight (computed once: no weight is trained)."""
+        key = (name, bits)
+        if key not in self._quantized:
+            with torch.no_grad():
+                self._quantized[key] = self.weight_q[name][bits](self.float[name]).detach()
+        return self._quantized[key]
 
     @property
     def weights(self) -> list[Tensor]:
@@ -82,7 +91,7 @@ class Supernet:
                              f"not a choice for {[(n, config[n]) for n in wrong]}")
         with torch.no_grad():
             for n, layer in self.layers.items():
-                layer.weight.copy_(self.weight_q[n][config[n]](self.float[n]))
+                layer.weight.copy_(self.quantized_weight(n, config[n]))
         active = []
         for n, layer in self.layers.items():
             quantizer = self.input_q[n].get(config[n])

@@ -16,6 +16,11 @@ regularizer is built and only when ``act_weight > 0``. The hooks keep the tensor
 forward run with gradients enabled, so call the regularizer **after the forward that produced**
 ``loss`` and before any other forward (``qready.train.fit`` does this). Call :meth:`GradL1.remove` to
 take the hooks off the model.
+
+``mode="finite_difference"`` obtains the same gradient from one extra forward + backward at weights
+moved by ``ε·sign(∇_W L)`` instead of double backprop (:mod:`qready.regularizers.gradient_fd`); it is
+not a loss term but a step: :meth:`GradL1.step` in a user's loop, :meth:`GradL1.step_strategy` in
+:func:`qready.train.fit`.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quant.select import Selector
-from .base import REGULARIZERS, Regularizer
+from .base import DEFAULT_WEIGHT, REGULARIZERS, Regularizer
+from .gradient_fd import ActivationProbe, Closure, GradL1Step, fd_step
 
 NORMALIZE = ("none", "numel")
 ACT_SITES = ("output", "input")
+MODES = ("exact", "finite_difference")
 
 
 def weight_leaf(module: nn.Module) -> torch.Tensor:
@@ -67,10 +74,12 @@ def resolve_start_epoch(start_epoch: int, last_epochs: int | None, epochs: int |
 
 @REGULARIZERS.register("grad_l1")
 class GradL1(Regularizer):
-    """λ_w Σ_l ‖∇_{W_l} L‖₁ + λ_a Σ_l ‖∇_{a_l} L‖₁ over the selected layers, by double backprop.
+    """λ_w Σ_l ‖∇_{W_l} L‖₁ + λ_a Σ_l ‖∇_{a_l} L‖₁ over the selected layers.
 
-    Called as ``reg(model, loss=task_loss)`` with the task loss still carrying its graph; add the
-    result to the loss and call ``backward()`` on the sum.
+    ``mode="exact"`` (double backprop): called as ``reg(model, loss=task_loss)`` with the task loss
+    still carrying its graph; add the result to the loss and call ``backward()`` on the sum.
+    ``mode="finite_difference"``: the penalty's gradient is added by :meth:`step` (one extra forward +
+    backward per step, about half the exact mode's cost); see :mod:`qready.regularizers.gradient_fd`.
 
     Args:
         model: the model; activation hooks are registered on its selected layers when ``act_weight > 0``.
@@ -84,14 +93,18 @@ class GradL1(Regularizer):
         act_site: which activation of a selected layer: its ``"output"`` or its ``"input"``. Inputs that do
             not require grad (the data fed to the first layer) are skipped.
         last_epochs, epochs: convenience for ``start_epoch = epochs − last_epochs``.
+        mode: ``"exact"`` or ``"finite_difference"``.
+        fd_eps: finite-difference mode: relative step ``r`` in ``ε = r·(1 + ‖W‖₂)/√N`` (default
+            ``√(machine ε)``, or ``∛(machine ε)`` with ``central``).
+        central: finite-difference mode: central difference (two extra passes, error ``O(ε²)``).
     """
 
-    needs_graph = True
     name = "grad_l1"
 
-    def __init__(self, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+    def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0, *, act_weight: float = 0.0, normalize: str = "none",
-                 act_site: str = "output", last_epochs: int | None = None, epochs: int | None = None) -> None:
+                 act_site: str = "output", last_epochs: int | None = None, epochs: int | None = None,
+                 mode: str = "exact", fd_eps: float | None = None, central: bool = False) -> None:
         super().__init__(model, weight=weight, select=select,
                          start_epoch=resolve_start_epoch(start_epoch, last_epochs, epochs))
         if isinstance(act_weight, bool) or not isinstance(act_weight, (int, float)) or act_weight < 0:
@@ -100,12 +113,29 @@ class GradL1(Regularizer):
             raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
         if act_site not in ACT_SITES:
             raise ValueError(f"act_site must be one of {ACT_SITES}; got {act_site!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if fd_eps is not None and (isinstance(fd_eps, bool) or not isinstance(fd_eps, (int, float))
+                                   or not 0 < fd_eps < 1):
+            raise ValueError(f"fd_eps must be a number in (0, 1) or None; got {fd_eps!r}")
+        if not isinstance(central, bool):
+            raise ValueError(f"central must be a bool; got {central!r}")
+        if mode == "exact" and (fd_eps is not None or central):
+            raise ValueError("fd_eps and central apply to mode='finite_difference' only")
         self.act_weight = float(act_weight)
         self.normalize = normalize
         self.act_site = act_site
+        self.mode = mode
+        self.fd_eps = None if fd_eps is None else float(fd_eps)
+        self.central = central
+        self.needs_graph = mode == "exact"
+        self.last_penalty: float | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        if self.act_weight > 0:
+        self.probe: ActivationProbe | None = None
+        if self.act_weight > 0 and mode == "finite_difference":
+            self.probe = ActivationProbe(list(self.layers(model)), act_site)
+        elif self.act_weight > 0:
             for name, module in self.layers(model):
                 self._handles.append(module.register_forward_hook(self._capture(name)))
 
@@ -129,6 +159,8 @@ class GradL1(Regularizer):
             handle.remove()
         self._handles.clear()
         self._acts.clear()
+        if self.probe is not None:
+            self.probe.remove()
 
     def gradient_l1(self, model: nn.Module, loss: torch.Tensor | None, *, weights: bool = True,
                     activations: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,5 +202,26 @@ class GradL1(Regularizer):
 
     def forward(self, model: nn.Module, loss: torch.Tensor | None = None) -> torch.Tensor:
         """``λ_w·Σ‖∇_W L‖₁ + λ_a·Σ‖∇_a L‖₁``; an exact zero (no ``autograd.grad`` call) when both λ are 0."""
+        if self.mode == "finite_difference":
+            raise RuntimeError("grad_l1 with mode='finite_difference' is not a loss term: use "
+                               "reg.step(closure, optimizer) in your own loop, or "
+                               "fit(..., step_strategy=reg.step_strategy()) without it in loss_terms")
         w_l1, a_l1 = self.gradient_l1(model, loss, weights=self.weight > 0, activations=self.act_weight > 0)
         return self.weight * w_l1 + self.act_weight * a_l1
+
+    def step(self, model: nn.Module, closure: Closure, optimizer: torch.optim.Optimizer, *,
+             before_update: Callable[[], object] | None = None) -> torch.Tensor:
+        """Finite-difference mode: one whole update; returns the loss of the first pass (detached).
+
+        ``closure()`` runs forward + backward of the loss at the current weights and returns it (it is
+        called again at the perturbed point); ``model`` is the unwrapped module. The gradients are zeroed
+        first; ``before_update()`` (e.g. gradient clipping) runs before ``optimizer.step()``.
+        """
+        if self.mode != "finite_difference":
+            raise RuntimeError("GradL1.step is the finite-difference mode's update; in mode='exact' add "
+                               "reg(model, loss=loss) to the loss instead")
+        return fd_step(self, model, closure, optimizer, before_update=before_update)
+
+    def step_strategy(self) -> GradL1Step:
+        """The step strategy for ``fit(..., step_strategy=...)`` (finite-difference mode)."""
+        return GradL1Step(self)

@@ -181,3 +181,23 @@ def test_new_export_format_does_not_redo_compression(tmp_path):
     rerun = {stage for _, stage, skipped in events if not skipped}
     assert rerun == {"export", "report"}
     assert json.loads((root / "export.json").read_text())["format"] == "onnx"
+
+
+def test_sweep_uses_the_recipes_calib_batches():
+    from dataclasses import replace
+
+    from qready.recipe import recipe_from_dict
+
+    data = {k: v for k, v in RECIPE.items() if k != "grid"}
+    recipe = recipe_from_dict({**data, "sweep": {"bits": ["W8A8"], "ranges": ["minmax"], "calib_batches": 2}})
+    prepared = runner.prepare(recipe)
+    drawn = []
+
+    class Counting:
+        def __iter__(self):
+            for batch in prepared.train_loader:
+                drawn.append(1)
+                yield batch
+
+    runner.sweep_recipe(replace(prepared, train_loader=Counting()))
+    assert len(prepared.train_loader) > 2 and len(drawn) == 2

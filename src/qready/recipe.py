@@ -34,11 +34,27 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model: a registered name and constructor arguments (``num_classes``/``in_channels``
-    default to the dataset's)."""
+    """Which model: a registered ``name`` — or ``factory: "package.module:function"``, any importable
+    callable returning an ``nn.Module`` — with constructor ``args`` (``num_classes``/``in_channels``
+    default to the dataset's when the constructor takes them), and optionally pretrained ``weights``
+    (a state-dict file loaded strictly, e.g. torchvision's ``mobilenet_v2-b0353104.pth``)."""
 
-    name: str = "dwcnn"
+    name: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    factory: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.factory is None:
+            object.__setattr__(self, "name", self.name or "dwcnn")
+        elif self.name is not None:
+            raise RecipeError("model: give either 'name' (a registered model) or 'factory' "
+                              "('package.module:function'), not both")
+
+    @property
+    def label(self) -> str:
+        """The registered name or the factory path, for messages and reports."""
+        return self.name or str(self.factory)
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     """The PTQ sweep after training: bit settings (``8`` weight-only, ``"W4A8"`` weights and
-    activations), range methods, granularity and the first/last-layer policy."""
+    activations), range methods, granularity, the first/last-layer policy and the PTQ ``method``
+    (``rtn`` or ``gptq``, with ``method_options`` such as ``{act_order: true}``; optional
+    ``bias_correction``)."""
 
     bits: tuple[int | str, ...] = (8, 6, 4, 3, 2)
     ranges: tuple[str, ...] = ("minmax", "mse")
@@ -67,9 +85,20 @@ class SweepConfig:
     group_size: int | None = None
     first_last: int | str = "same"
     calib_batches: int = 8
+    method: str = "rtn"
+    bias_correction: bool = False
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from .evaluate.sweep import parse_bit_setting
+        from .quant.ptq import PTQ_METHODS, build_method
+
+        if self.method not in PTQ_METHODS:
+            raise RecipeError(f"sweep.method must be one of {PTQ_METHODS.names()}; got {self.method!r}")
+        try:
+            build_method(self.method, dict(self.method_options))
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"sweep.method_options: {err}") from None
 
         for i, setting in enumerate(self.bits):
             try:
@@ -113,17 +142,39 @@ def _check_sharpness(config: dict[str, Any], key: str) -> None:
         raise RecipeError(f"{key}: {err}") from None
 
 
-COMPRESS_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs", "dkm", "cluster", "kmeans")
-QAT_METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
+def compress_methods() -> tuple[list[str], list[str]]:
+    """The names ``compress.method`` accepts: (QAT methods, palettization methods), from their registries."""
+    from .quant.palettize import PALETTIZERS
+    from .quant.qat import QAT_METHODS
+
+    return QAT_METHODS.names(), PALETTIZERS.names()
+
+
+def _compress_option_names(method: str) -> list[str]:
+    """The keys ``compress.options`` may hold for ``method``."""
+    import inspect
+
+    from .quant.palettize import PALETTIZERS
+    from .quant.qat import QAT_METHODS, prepare_qat
+
+    if method in QAT_METHODS:
+        params = inspect.signature(prepare_qat).parameters.values()
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY] + ["delta_update"]
+    if method == "cluster":  # options of the cluster regularizer trained before the snap
+        from .regularizers import option_names
+
+        return ["weight", *option_names("cluster")]
+    return [f.name for f in dataclasses.fields(PALETTIZERS.get(method))]
 EXPORT_FORMATS: tuple[str, ...] = ("none", "packed", "onnx")
 
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """The compression stage after training: QAT (``ste``/``lsq``/``ewgs``, fine-tuned ``epochs``
-    epochs), DKM palettization (``dkm``, fine-tuned), learnable representatives (``cluster``: trained
-    with the cluster regularizer, then snapped) or post-training k-means (``kmeans``, no training).
-    ``options`` are passed to the method (e.g. ``{delta: 0.001}`` for EWGS, ``{tau: 0.0001}`` for DKM)."""
+    """The compression stage after training: a QAT method (``ste``/``lsq``/``ewgs``, fine-tuned ``epochs``
+    epochs) or a palettization method: DKM (``dkm``, fine-tuned), learnable representatives (``cluster``:
+    trained with the cluster regularizer, then snapped) or a post-training palettizer (``kmeans``, no
+    training). ``options`` are the method's own (e.g. ``{delta: 0.001}`` for EWGS, ``{tau: 0.0001}`` for
+    DKM); an unknown option is an error listing the method's options."""
 
     method: str = "lsq"
     w_bits: int = 4
@@ -136,21 +187,31 @@ class CompressConfig:
     sharpness: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in COMPRESS_METHODS:
-            raise RecipeError(f"compress.method must be one of {list(COMPRESS_METHODS)}; got {self.method!r}")
+        from .quant.palettize import PALETTIZERS
+
+        qat, palettizers = compress_methods()
+        if self.method not in (*qat, *palettizers):
+            raise RecipeError(f"compress.method must be one of {qat + palettizers}; got {self.method!r}")
+        allowed = _compress_option_names(self.method)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise RecipeError(f"compress.options.{unknown[0]} is not an option of method {self.method!r}; "
+                              f"allowed: {', '.join(allowed)}")
         if self.sharpness is not None:
-            if self.method not in QAT_METHODS:
-                raise RecipeError(f"compress.sharpness needs a QAT method {list(QAT_METHODS)}; got {self.method!r}")
+            if self.method not in qat:
+                raise RecipeError(f"compress.sharpness needs a QAT method {qat}; got {self.method!r}")
             _check_sharpness(self.sharpness, "compress.sharpness")
         if self.w_bits not in WEIGHT_BITS:
             raise RecipeError(f"compress.w_bits must be one of {list(WEIGHT_BITS)}; got {self.w_bits!r}")
-        if self.method in ("dkm", "cluster", "kmeans") and self.a_bits is not None:
+        palettizer = PALETTIZERS.get(self.method) if self.method in palettizers else None
+        if palettizer is not None and self.a_bits is not None:
             raise RecipeError(f"compress.a_bits: method {self.method!r} palettizes weights only; remove a_bits")
-        if self.method == "dkm" and self.w_bits > 4:
-            raise RecipeError(f"compress.w_bits must be 1-4 for method 'dkm'; got {self.w_bits}")
+        if palettizer is not None and self.w_bits not in palettizer.supported_bits:
+            raise RecipeError(f"compress.w_bits must be one of {list(palettizer.supported_bits)} for method "
+                              f"{self.method!r}; got {self.w_bits}")
         if self.a_bits is not None and self.a_bits not in ACT_BITS:
             raise RecipeError(f"compress.a_bits must be one of {list(ACT_BITS)} or null; got {self.a_bits!r}")
-        if self.epochs < 0 or (self.epochs == 0 and self.method not in ("kmeans",)):
+        if self.epochs < 0 or (self.epochs == 0 and not (palettizer is not None and palettizer.post_training)):
             raise RecipeError(f"compress.epochs must be >= 1 for method {self.method!r}; got {self.epochs}")
         if self.lr <= 0 or (self.quantizer_lr is not None and self.quantizer_lr <= 0):
             raise RecipeError("compress.lr and compress.quantizer_lr must be > 0")
@@ -288,9 +349,16 @@ def check_names(recipe: Recipe) -> None:
     """Check the model, dataset and regularizer names against the registries (imports torch)."""
     from .data import list_datasets
     from .models import list_models
-    from .regularizers import list_regularizers
+    from .regularizers import list_regularizers, option_names
 
-    if recipe.model.name not in list_models():
+    if recipe.model.factory is not None:
+        from .models import import_factory
+
+        try:
+            import_factory(recipe.model.factory)
+        except ValueError as err:
+            raise RecipeError(f"model.factory: {err}") from None
+    elif recipe.model.name not in list_models():
         raise RecipeError(f"model.name {recipe.model.name!r} is unknown; valid names: {', '.join(list_models())}")
     if recipe.data.name not in list_datasets():
         raise RecipeError(f"data.name {recipe.data.name!r} is unknown; valid names: {', '.join(list_datasets())}")
@@ -299,6 +367,11 @@ def check_names(recipe: Recipe) -> None:
             raise RecipeError(
                 f"regularizers[{i}].name {reg.name!r} is unknown; valid names: {', '.join(list_regularizers())}"
             )
+        allowed = option_names(reg.name)
+        unknown = sorted(set(reg.options) - set(allowed))
+        if unknown:
+            raise RecipeError(f"regularizers[{i}].options.{unknown[0]} is not an option of {reg.name!r}; "
+                              f"allowed: {', '.join(allowed) or 'none'}")
 
 
 def recipe_from_dict(data: dict[str, Any] | None) -> Recipe:

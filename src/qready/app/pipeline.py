@@ -26,6 +26,7 @@ import yaml
 
 from ..recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
 from .comparison import slug
+from .rundir import run_lock
 
 log = logging.getLogger("qready.run")
 STAGES_FILE = "stages.json"
@@ -83,7 +84,7 @@ def expand_grid(data: dict[str, Any]) -> list[Experiment]:
     keys = list(grid)
     experiments = []
     for values in itertools.product(*(grid[k] for k in keys)):
-        overrides = dict(zip(keys, values))
+        overrides = dict(zip(keys, values, strict=True))
         exp_id = "__".join(f"{k.split('.')[-1]}={slug(v)}" for k, v in overrides.items())
         if exp_id in {e.id for e in experiments}:
             exp_id = f"{exp_id}~{fingerprint(overrides)[:6]}"
@@ -159,6 +160,25 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
     return {"ran": ran, **stages.experiment_summary(run_dir)}
 
 
+def read_recipe_file(path: Path) -> dict:
+    """The mapping of a YAML recipe file (``RecipeError`` naming the file for a missing file, a YAML
+    syntax error, with its line, or a top level that is not a mapping)."""
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"recipe file {str(path)!r} cannot be read: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"recipe file {str(path)!r}: a recipe must be a mapping at the top level")
+    return data or {}
+
+
 def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force: bool = False,
                progress: bool = True, overrides: list[str] | None = None,
                on_stage: Callable[[str, str, bool], None] | None = None) -> Path:
@@ -168,10 +188,7 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
     if isinstance(source, dict):
         data = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_recipe_file(Path(source))
     if overrides:
         data = apply_overrides(data, overrides)
     if not isinstance(data, dict):
@@ -179,15 +196,15 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
     experiments = expand_grid(data)  # validates every grid point before any work
     base = experiments[0].recipe
     root = run_dir or Path(base.output_dir) / base.name
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    summaries = []
-    for exp in experiments:
-        exp_dir = root if exp.id == "main" else root / exp.id
-        log.info("experiment %s", exp.id)
-        callback = (lambda stage, skipped, _id=exp.id: on_stage(_id, stage, skipped)) if on_stage else None
-        summary = run_experiment(exp.recipe, exp_dir, force=force, progress=progress, on_stage=callback)
-        summaries.append({"id": exp.id, "overrides": exp.overrides, **summary})
-    (root / "experiments.json").write_text(json.dumps(summaries, indent=2, default=str))
-    write_comparison(root)
+    with run_lock(root):  # one `qready run` per directory; finished stages are kept (cached)
+        (root / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        summaries = []
+        for exp in experiments:
+            exp_dir = root if exp.id == "main" else root / exp.id
+            log.info("experiment %s", exp.id)
+            callback = (lambda stage, skipped, _id=exp.id: on_stage(_id, stage, skipped)) if on_stage else None
+            summary = run_experiment(exp.recipe, exp_dir, force=force, progress=progress, on_stage=callback)
+            summaries.append({"id": exp.id, "overrides": exp.overrides, **summary})
+        (root / "experiments.json").write_text(json.dumps(summaries, indent=2, default=str))
+        write_comparison(root)
     return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,13 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import DatasetSplits, load_dataset, make_loaders
-from ..evaluate.report import markdown_table, pivot_sweep, print_table
+from ..evaluate.report import markdown_table, print_table, sweep_tables
 from ..evaluate.sweep import sweep
-from ..models import MODELS, create_model
+from ..models import MODELS, import_factory, load_weights
 from ..quant.select import Selector
 from ..quant.spec import QuantSpec
 from ..recipe import Recipe, load_recipe, save_recipe
-from ..train import fit, load_checkpoint, load_model_weights, seed_everything
+from ..train import fit, load_model_weights, seed_everything
 
 log = logging.getLogger("qready")
 
@@ -34,11 +35,31 @@ class Prepared:
     model: nn.Module
 
 
+def model_factory(recipe: Recipe) -> Callable[..., nn.Module]:
+    """The recipe's model constructor: the registered ``model.name`` or the imported ``model.factory``."""
+    return import_factory(recipe.model.factory) if recipe.model.factory else MODELS.get(recipe.model.name)
+
+
+def check_model_args(recipe: Recipe) -> None:
+    """Refuse ``model.args`` the model constructor does not take (``ValueError`` naming the recipe key),
+    before any file is written."""
+    factory = model_factory(recipe)
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(recipe.model.args) - set(params))
+    if unknown:
+        raise ValueError(f"recipe key model.args: {recipe.model.label} takes no argument {', '.join(map(repr, unknown))}; "
+                         f"it takes {', '.join(n for n in params if n != 'self')}")
+
+
 def model_kwargs(recipe: Recipe, splits: DatasetSplits) -> dict:
-    """Constructor arguments: the recipe's ``model.args`` plus shape arguments from the dataset."""
+    """Constructor arguments: the recipe's ``model.args`` plus shape arguments from the dataset
+    (``num_classes`` only from a labelled dataset, and each only when the constructor takes it)."""
     kwargs = dict(recipe.model.args)
-    params = inspect.signature(MODELS.get(recipe.model.name)).parameters
-    kwargs.setdefault("num_classes", splits.num_classes)
+    params = inspect.signature(model_factory(recipe)).parameters
+    if splits.num_classes > 0 and ("num_classes" in params or recipe.model.factory is None):
+        kwargs.setdefault("num_classes", splits.num_classes)
     if "in_channels" in params:
         kwargs.setdefault("in_channels", splits.input_shape[0])
     if "in_features" in params:
@@ -49,20 +70,29 @@ def model_kwargs(recipe: Recipe, splits: DatasetSplits) -> dict:
     return kwargs
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Load the data, build the (seeded) model and loaders of ``recipe``."""
+def build_model(recipe: Recipe, splits: DatasetSplits, *, pretrained: bool = True) -> nn.Module:
+    """The recipe's model, with its pretrained ``model.weights`` loaded when ``pretrained``."""
+    model = model_factory(recipe)(**model_kwargs(recipe, splits))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model.factory {recipe.model.factory!r} returned {type(model).__name__}, not an nn.Module")
+    return load_weights(model, recipe.model.weights) if pretrained and recipe.model.weights else model
+
+
+def prepare(recipe: Recipe, *, pretrained: bool = True) -> Prepared:
+    """Load the data, build the (seeded) model and loaders of ``recipe`` (``pretrained=False``: skip
+    ``model.weights``, e.g. when a checkpoint's weights are loaded next)."""
     seed_everything(recipe.seed)
     splits = load_dataset(recipe.data.name, root=recipe.data.root, seed=recipe.seed, **recipe.data.options)
     train_loader, _ = make_loaders(splits, recipe.train.batch_size, seed=recipe.seed)
     test_loader = DataLoader(splits.test, batch_size=recipe.data.eval_batch_size, shuffle=False)
     seed_everything(recipe.seed)
-    model = create_model(recipe.model.name, **model_kwargs(recipe, splits))
+    model = build_model(recipe, splits, pretrained=pretrained)
     return Prepared(recipe, splits, train_loader, test_loader, model)
 
 
 def checkpoint_meta(recipe: Recipe, prepared: Prepared) -> dict:
     """What a checkpoint needs to rebuild its model and data: the recipe and the model arguments."""
-    return {"recipe": recipe.to_dict(), "model": {"name": recipe.model.name,
+    return {"recipe": recipe.to_dict(), "model": {"name": recipe.model.label,
                                                   "kwargs": model_kwargs(recipe, prepared.splits)}}
 
 
@@ -79,6 +109,7 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
     torchrun every process calls this and only rank 0 writes."""
     from ..train.distributed import is_main_process
 
+    check_model_args(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
@@ -96,9 +127,12 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
     return prepared
 
 
-def sweep_recipe(prepared: Prepared, bits=None, ranges=None) -> list[dict]:
-    """PTQ sweep of ``prepared.model`` over the recipe's bit settings and range methods."""
+def sweep_recipe(prepared: Prepared, bits=None, ranges=None, method: str | None = None) -> list[dict]:
+    """PTQ sweep of ``prepared.model`` over the recipe's bit settings and range methods, with the
+    recipe's PTQ method (or ``method``, which then takes its default options)."""
     cfg = prepared.recipe.sweep
+    options = cfg.method_options if method in (None, cfg.method) else {}
+    method = method or cfg.method
     rows: list[dict] = []
     for i, rng in enumerate(ranges or cfg.ranges):
         spec = QuantSpec(bits=8, symmetric=cfg.symmetric, granularity=cfg.granularity, range=rng,
@@ -106,22 +140,27 @@ def sweep_recipe(prepared: Prepared, bits=None, ranges=None) -> list[dict]:
         rows += sweep(
             prepared.model, prepared.test_loader, bits=list(bits or cfg.bits), spec=spec,
             calib=prepared.train_loader, select=Selector(first_last=cfg.first_last), include_fp=i == 0,
+            calib_batches=cfg.calib_batches, method=method, bias_correction=cfg.bias_correction,
+            method_options=options,
         )
     return rows
 
 
 def write_report(run_dir: Path, rows: list[dict], recipe: Recipe, *, plot: bool = True) -> Path:
-    """Write ``sweep.json``, ``report.md`` and ``accuracy_vs_bits.png`` into ``run_dir``."""
-    (run_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    header, lines = pivot_sweep(rows)
+    """Write ``sweep.json`` (strict JSON: the float row's infinite SQNR is ``null``), ``report.md``
+    (accuracy when the data is labelled, fidelity to the float model always) and
+    ``accuracy_vs_bits.png`` into ``run_dir``."""
+    from ..train.stats import jsonable
+
+    (run_dir / "sweep.json").write_text(json.dumps(jsonable(rows), indent=2, allow_nan=False))
     parts = [
         f"# qready run: {recipe.name}\n",
-        f"Model `{recipe.model.name}` on `{recipe.data.name}` (seed {recipe.seed}), "
+        f"Model `{recipe.model.label}` on `{recipe.data.name}` (seed {recipe.seed}), "
         f"{recipe.train.epochs} epochs. PTQ: {recipe.sweep.granularity} weights, "
         f"{'symmetric' if recipe.sweep.symmetric else 'asymmetric'}, first/last: {recipe.sweep.first_last}.\n",
-        "## Test accuracy (%) after PTQ\n",
-        markdown_table(header, lines),
     ]
+    for title, header, lines in sweep_tables(rows):
+        parts += [f"## {title}\n", markdown_table(header, lines)]
     if plot:
         from ..evaluate.plots import plot_accuracy_vs_bits
 
@@ -133,22 +172,27 @@ def write_report(run_dir: Path, rows: list[dict], recipe: Recipe, *, plot: bool 
 
 
 def show_sweep(rows: list[dict], title: str) -> None:
-    """Print the sweep as a table (one line per range method)."""
-    header, lines = pivot_sweep(rows)
-    print_table(header, lines, title=title)
+    """Print the sweep as tables (one line per range method): accuracy when labelled, fidelity always."""
+    for metric_title, header, lines in sweep_tables(rows):
+        print_table(header, lines, title=f"{title}: {metric_title}")
 
 
 def prepare_from_checkpoint(ckpt: Path, data_root: str | None = None, strict: bool = True) -> Prepared:
-    """Rebuild the recipe, data and trained model of a checkpoint written by :func:`train_recipe`
-    (``strict=False`` ignores extra tensors such as calibrated activation quantizers)."""
-    checkpoint = load_checkpoint(ckpt)
-    meta = checkpoint.meta.get("recipe")
+    """Rebuild the recipe, data and trained model of a checkpoint written by :func:`train_recipe` (or a
+    run's ``compressed/``, with its activation quantizers); only ``meta.json`` and the weights are read
+    (``strict=False`` ignores tensors the model does not have)."""
+    from ..export.activations import attach_activation_layout
+    from ..train.checkpoint import read_checkpoint_meta
+
+    ckpt_meta = read_checkpoint_meta(ckpt)
+    meta = ckpt_meta.get("recipe")
     if meta is None:
         raise ValueError(f"checkpoint {ckpt} has no recipe in its meta.json; it was not written by qready train")
     recipe = load_recipe(meta)
     if data_root is not None:
         recipe = replace(recipe, data=replace(recipe.data, root=data_root))
-    prepared = prepare(recipe)
+    prepared = prepare(recipe, pretrained=False)
+    attach_activation_layout(prepared.model, ckpt_meta.get("activations") or {})
     load_model_weights(ckpt, prepared.model, strict=strict)
     return prepared
 
@@ -165,63 +209,34 @@ def _compressed_label(c) -> str:
 
 def compress_model(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> nn.Module:
     """Apply the recipe's ``compress`` method to a copy of the trained model and return the result
-    (weights on their grid or palette, quantizers baked in)."""
-    import copy
+    (weights on their grid or palette, quantizers baked in); see :mod:`qready.app.compress`."""
+    from ..train.objective import build_objective
+    from .compress import compress_model as compress
 
-    from ..quant.palettize import finalize_palettized, palettize
-    from ..quant.qat import finalize, prepare_qat, qat_param_groups
-    from ..recipe import QAT_METHODS
-
-    recipe, c = prepared.recipe, prepared.recipe.compress
-    model = copy.deepcopy(prepared.model)
-    train_cfg = replace(recipe.train, epochs=max(c.epochs, 1), lr=c.lr, warmup_epochs=0)
+    recipe = prepared.recipe
     fit_kwargs = dict(val_loader=prepared.test_loader, run_dir=run_dir / "compress", resume=True, seed=recipe.seed,
-                      meta=checkpoint_meta(recipe, prepared), progress=progress)
-    options = dict(c.options)
-    if c.method in QAT_METHODS:
-        delta_update = options.pop("delta_update", None)  # EWGS: re-estimate δ from the Hessian trace
-        model = prepare_qat(model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
-                            calib=prepared.train_loader, inplace=True, **options)
-        if delta_update is not None:
-            from ..quant.qat.hessian import EWGSDeltaUpdater
-
-            updater = EWGSDeltaUpdater(prepared.train_loader, **(delta_update or {}))
-            updater.update(model)
-            fit_kwargs["callbacks"] = [updater]
-        from ..sharpness.build import build_step
-
-        groups = qat_param_groups(model, lr=c.quantizer_lr or c.lr)
-        fit(model, prepared.train_loader, train_cfg, param_groups=groups, step_strategy=build_step(c.sharpness),
-            **fit_kwargs)
-        return finalize(model)
-    select = Selector(first_last=c.first_last) if c.first_last != "same" else None
-    if c.method == "kmeans":
-        return palettize(model, bits=c.w_bits, method="kmeans", select=select, inplace=True, **options)
-    if c.method == "dkm":
-        model = palettize(model, bits=c.w_bits, method="dkm", select=select, inplace=True, **options)
-        fit(model, prepared.train_loader, train_cfg, **fit_kwargs)
-        return finalize_palettized(model)
-    from ..regularizers import build
-
-    weight = float(options.pop("weight", 1.0))
-    reg = build("cluster", model, weight=weight, select=select, bits=c.w_bits, **options)
-    fit(model, prepared.train_loader, train_cfg, loss_terms=[reg], **fit_kwargs)
-    return palettize(model, bits=c.w_bits, method="cluster", reg=reg, inplace=True)
+                      meta=checkpoint_meta(recipe, prepared), progress=progress,
+                      objective=build_objective(recipe.train, prepared.model))  # distill: the float model teaches
+    return compress(prepared.model, recipe.compress, prepared.train_loader, recipe.train, fit_kwargs)
 
 
 def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) -> dict:
     """Compress, evaluate, save (``compressed/``), export and plot weight histograms; writes
     ``compress.json`` and returns it."""
-    from ..evaluate.metrics import evaluate
+    from ..evaluate.fidelity import FIDELITY_KEYS, fidelity
     from ..regularizers.stats import plot_weight_histograms
     from ..train import save_checkpoint
 
     c = prepared.recipe.compress
     model = compress_model(prepared, run_dir, progress=progress)
-    metrics = evaluate(model, prepared.test_loader)
+    metrics = fidelity(prepared.model, model, prepared.test_loader)  # accuracy and loss None when unlabeled
     row = {"label": _compressed_label(c), "w_bits": c.w_bits, "a_bits": c.a_bits, "range": c.method,
-           "granularity": "compressed", "accuracy": metrics["accuracy"], "loss": metrics["loss"]}
-    save_checkpoint(run_dir / "compressed", model, meta={**checkpoint_meta(prepared.recipe, prepared), "row": row})
+           "granularity": "compressed", "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+           **{key: metrics[key] for key in FIDELITY_KEYS}}
+    from ..export.activations import activation_layout
+
+    save_checkpoint(run_dir / "compressed", model, meta={**checkpoint_meta(prepared.recipe, prepared), "row": row,
+                                                         "activations": activation_layout(model)})
     plot_weight_histograms(prepared.model, model, run_dir / "weights.png")
     out = {"row": row}
     (run_dir / "compress.json").write_text(json.dumps(out, indent=2))
@@ -230,29 +245,27 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
 
 def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: str | None = None,
                  target: Path | None = None, w_bits: int = 8) -> dict:
-    """Export ``model`` (``fmt`` defaults to the recipe's) next to an fp32 safetensors copy of the float
-    model; returns ``{format, path, file, bytes, fp32_bytes, ratio}``."""
-    from safetensors.torch import save_file
+    """Export ``model`` (``fmt`` defaults to the recipe's) to ``target`` (default: ``run_dir/export/``);
+    returns ``{format, path, file, bytes, fp32_bytes, ratio}`` where ``fp32_bytes`` is the size of the
+    float model as fp32 safetensors (measured in memory: nothing else is written)."""
+    from safetensors.torch import save
 
     fmt = fmt or prepared.recipe.export.format
-    fp32 = run_dir / "export" / "model_fp32.safetensors"
-    fp32.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().clone() for k, v in prepared.model.state_dict().items()
-               if v.is_floating_point()}, str(fp32))
+    target = target or run_dir / "export" / ("model.onnx" if fmt == "onnx" else "model.qready")
+    fp32_bytes = len(save({k: v.detach().float().contiguous().clone() for k, v in prepared.model.state_dict().items()
+                           if v.is_floating_point()}))
     meta = checkpoint_meta(prepared.recipe, prepared)["model"]
     if fmt == "packed":
         from ..export import save_packed
 
-        target = target or run_dir / "export" / "model.qready"
         save_packed(model, target, meta={"model": meta["name"], "model_kwargs": meta["kwargs"]})
     else:
+        from ..batching import batch_inputs
         from ..export.onnx import export_onnx
 
-        target = target or run_dir / "export" / "model.onnx"
-        x = next(iter(prepared.test_loader))[0][:1]
-        export_onnx(model, x, target, w_bits=w_bits)
+        export_onnx(model, batch_inputs(next(iter(prepared.test_loader)))[:1], target, w_bits=w_bits)
     sizes = {"format": fmt, "path": str(target), "file": target.name, "bytes": target.stat().st_size,
-             "fp32_bytes": fp32.stat().st_size}
+             "fp32_bytes": fp32_bytes}
     sizes["ratio"] = sizes["fp32_bytes"] / max(sizes["bytes"], 1)
     return sizes
 
@@ -305,19 +318,34 @@ def experiment_summary(run_dir: Path) -> dict:
 
 def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = None, a_bits: int | None = None,
                       out: Path | None = None, data_root: str | None = None) -> dict:
-    """``qready export``: a float checkpoint is PTQ-quantized at ``bits`` (per-channel min-max) first; a
-    run's ``compressed/`` checkpoint is exported as it is."""
+    """``qready export``: a float checkpoint is PTQ-quantized first (weights at ``bits``, per-channel
+    min-max, default 8 for ONNX and 4 packed; activations at ``a_bits`` calibrated on training batches);
+    a run's ``compressed/`` checkpoint is exported as it was measured, with its own bit widths and
+    activation quantizers (``bits``/``a_bits`` that disagree with them are an error). The output
+    directory is checked writable before any work."""
     from ..quant.ptq import ptq
-    from ..quant.spec import WEIGHT_BITS, check_bits
-    from ..train import load_checkpoint
+    from ..quant.spec import ACT_BITS, WEIGHT_BITS, check_bits
+    from ..train.checkpoint import read_checkpoint_meta
+    from .rundir import check_writable
 
-    meta = load_checkpoint(ckpt).meta
-    prepared = prepare_from_checkpoint(ckpt, data_root=data_root, strict="row" not in meta)
+    row = read_checkpoint_meta(ckpt).get("row")
+    if row is not None:
+        for flag, given, own in (("--bits", bits, row.get("w_bits")), ("--a-bits", a_bits, row.get("a_bits"))):
+            if given is not None and given != own:
+                raise ValueError(f"{flag} {given} disagrees with {ckpt}, which was compressed and measured as "
+                                 f"{row.get('label')!r} ({flag} {own}); leave {flag} out to export it as measured")
+        bits = row.get("w_bits") or 8
     bits = bits if bits is not None else (8 if fmt == "onnx" else 4)
     check_bits(bits, "--bits", WEIGHT_BITS)
-    act = None if a_bits is None else QuantSpec(bits=a_bits, symmetric=False, granularity="tensor")
-    model = prepared.model if "row" in meta else ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"),
-                                                     calib=prepared.train_loader if act else None, act_spec=act)
+    if a_bits is not None:
+        check_bits(a_bits, "--a-bits", ACT_BITS)
     suffix = ".onnx" if fmt == "onnx" else ".qready"
-    name = f"{ckpt.name}{suffix}" if "row" in meta else f"model_w{bits}{suffix}"
-    return export_model(model, prepared, ckpt.parent, fmt=fmt, target=out or ckpt.parent / name, w_bits=bits)
+    target = out or ckpt.parent / (f"{ckpt.name}{suffix}" if row is not None else f"model_w{bits}{suffix}")
+    check_writable(target.parent)
+    prepared = prepare_from_checkpoint(ckpt, data_root=data_root)
+    model = prepared.model
+    if row is None:
+        act = None if a_bits is None else QuantSpec(bits=a_bits, symmetric=False, granularity="tensor")
+        model = ptq(model, QuantSpec(bits=bits, granularity="channel"), calib=prepared.train_loader if act else None,
+                    act_spec=act)
+    return export_model(model, prepared, ckpt.parent, fmt=fmt, target=target, w_bits=bits)

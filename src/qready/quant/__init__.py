@@ -50,8 +50,8 @@ __all__ += ["DKMWeight", "Palette", "dkm_naive", "dkm_unique", "finalize_paletti
             "nearest", "palettize", "snap"]
 
 from .activations import attach_input_module  # noqa: E402
-from .qat import METHODS as QAT_METHODS  # noqa: E402
 from .qat import (  # noqa: E402
+    QAT_METHODS,
     EWGSDeltaUpdater,
     estimate_ewgs_deltas,
     finalize,

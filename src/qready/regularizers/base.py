@@ -19,6 +19,7 @@ from ..quant.select import Selector, as_selector
 from ..registry import Registry
 
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
+DEFAULT_WEIGHT = 0.01  # λ of every regularizer unless given: the R² paper's value in all its runs
 
 
 def param_key(module_name: str) -> str:
@@ -40,7 +41,7 @@ class Regularizer(nn.Module):
 
     needs_graph: bool = False
 
-    def __init__(self, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+    def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0) -> None:
         super().__init__()
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -94,7 +95,7 @@ class Compose(nn.Module):
         return total
 
 
-def build(name: str, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+def build(name: str, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
           **options) -> Regularizer:
     """Build the regularizer registered as ``name`` (see :func:`list_regularizers`) for ``model``."""
     factory = REGULARIZERS.get(name)
@@ -102,6 +103,14 @@ def build(name: str, model: nn.Module, weight: float = 0.01, select: Selector | 
         return factory(model, weight=weight, select=select, **options)
     except TypeError as err:
         raise ValueError(f"regularizer {name!r}: {err}") from None
+
+
+def option_names(name: str) -> list[str]:
+    """The keyword options of regularizer ``name`` beyond ``model``, ``weight`` and ``select``."""
+    import inspect
+
+    params = inspect.signature(REGULARIZERS.get(name)).parameters
+    return [p for p in params if p not in ("self", "model", "weight", "select")]
 
 
 def list_regularizers() -> list[str]:

@@ -34,7 +34,7 @@ from ..quant.palettize.codebook import nearest
 from ..quant.palettize.kmeans import kmeans1d_centroids
 from ..quant.select import Selector
 from ..quant.spec import WEIGHT_BITS, check_bits
-from .base import REGULARIZERS, Regularizer, param_key
+from .base import DEFAULT_WEIGHT, REGULARIZERS, Regularizer, param_key
 
 
 def hard_cluster_penalty(w: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class ClusterRegularizer(Regularizer):
 
     name = "cluster"
 
-    def __init__(self, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+    def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0, *, bits: int = 2, soft: bool = False, temperature: float = 0.01,
                  normalize: bool = True) -> None:
         super().__init__(model, weight=weight, select=select, start_epoch=start_epoch)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.select import Selector
-from .base import REGULARIZERS, Regularizer, param_key
+from .base import DEFAULT_WEIGHT, REGULARIZERS, Regularizer, param_key
 
 MARGIN_INITS = ("max", "std3")
 REDUCTIONS = ("sum", "mean")
@@ -83,7 +83,7 @@ class MarginRegularizer(RangeRegularizer):
 
     name = "margin"
 
-    def __init__(self, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+    def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0, *, init: str | float = "max", reduction: str = "sum") -> None:
         super().__init__(model, weight=weight, select=select, start_epoch=start_epoch)
         if init not in MARGIN_INITS and not (_is_number(init) and init > 0):
@@ -155,7 +155,7 @@ class SoftMinMaxRegularizer(RangeRegularizer):
 
     name = "soft_min_max"
 
-    def __init__(self, model: nn.Module, weight: float = 0.01, select: Selector | dict | None = None,
+    def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0, *, alpha_init: str | float = "inv_std", alpha_scale: float = 10.0,
                  parametrization: str = "softplus", eta: float = 1.0) -> None:
         super().__init__(model, weight=weight, select=select, start_epoch=start_epoch)

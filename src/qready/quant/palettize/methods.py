@@ -37,12 +37,13 @@ class PaletteLayer:
 class Palettizer:
     """Base class of a palettization method.
 
-    Subclasses set ``supported_bits`` (and ``grouped = False`` when one LUT per layer is all they can
-    do) and implement :meth:`apply`; :meth:`layers` may be overridden when the method decides the
+    Subclasses set ``supported_bits`` (``grouped = False`` when one LUT per layer is all they can do;
+    ``post_training = True`` when the result needs no training afterwards) and implement :meth:`apply`; :meth:`layers` may be overridden when the method decides the
     layers itself."""
 
     supported_bits: ClassVar[tuple[int, ...]] = WEIGHT_BITS
     grouped: ClassVar[bool] = True
+    post_training: ClassVar[bool] = False
 
     def layers(self, model: nn.Module, select: Selector | dict | None) -> list[tuple[str, nn.Module, int | None]]:
         """``(name, module, bits override)`` of the layers to palettize (default: the selector's choice)."""
@@ -80,6 +81,7 @@ class KMeansPalettizer(Palettizer):
     ``kmeans_method``: the k-means solver (see :mod:`qready.quant.palettize.kmeans`)."""
 
     kmeans_method: KMeansMethod = "auto"
+    post_training: ClassVar[bool] = True
 
     def apply(self, model: nn.Module, layers: Sequence[PaletteLayer], group_size: int | None) -> None:
         _snap_all(layers, group_size,

@@ -1,7 +1,6 @@
 """Quantization-aware training back-end: STE, LSQ and EWGS quantizers attached by parametrization."""
 
 from .apply import (
-    METHODS,
     calibrate_activation_quantizers,
     finalize,
     prepare_qat,
@@ -9,9 +8,12 @@ from .apply import (
     quantizer_parameters,
 )
 from .hessian import EWGSDeltaUpdater, estimate_ewgs_deltas, hutchinson_trace
+from .methods import QAT_METHODS, QATMethod, QATOptions
 
 __all__ = [
-    "METHODS",
+    "QAT_METHODS",
+    "QATMethod",
+    "QATOptions",
     "calibrate_activation_quantizers",
     "EWGSDeltaUpdater",
     "estimate_ewgs_deltas",

@@ -30,26 +30,13 @@ from ..layers import out_axis, takes_index_inputs
 from ..select import SelectedModule, Selector, as_selector
 from ..spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
 from ..validate import check_finite
-from .quantizers import (
-    ActivationQAT,
-    EWGSActivationQuantizer,
-    EWGSWeightQuantizer,
-    LSQActivationQuantizer,
-    LSQWeightQuantizer,
-    QATQuantizer,
-    STEActivationQuantizer,
-    STEWeightQuantizer,
-    WeightQuantizer,
-)
-
-METHODS: tuple[str, ...] = ("ste", "lsq", "ewgs")
-DEFAULT_GRANULARITY = {"ste": "channel", "lsq": "channel", "ewgs": "tensor"}
+from .methods import QAT_METHODS, QATOptions
+from .quantizers import ActivationQAT, QATQuantizer
 
 
 def _check_options(method: str, w_bits: int | None, a_bits: int | None, first_last: object, w_granularity: str | None,
                    range: str, momentum: float, delta: float, calib_batches: int) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+    QAT_METHODS.get(method)  # an unknown name raises, listing the registered methods
     if w_bits is None and a_bits is None:
         raise ValueError("w_bits and a_bits are both None: nothing to quantize")
     if w_bits is not None:
@@ -95,23 +82,6 @@ def _check_modules(model: nn.Module, chosen: list[SelectedModule], selector: Sel
             raise ValueError(f"{label} already has a QAT weight quantizer (prepare_qat was applied before)")
         if quantize_inputs and hasattr(item.module, ATTR):
             raise ValueError(f"{label} already has an input quantizer")
-
-
-def _weight_quantizer(method: str, weight: torch.Tensor, bits: int, granularity: str, range: str,
-                      delta: float, axis: int) -> WeightQuantizer:
-    if method == "ste":
-        return STEWeightQuantizer(weight, bits, granularity, range=range, axis=axis)
-    if method == "lsq":
-        return LSQWeightQuantizer(weight, bits, granularity, axis=axis)
-    return EWGSWeightQuantizer(weight, bits, granularity, delta=delta, axis=axis)
-
-
-def _activation_quantizer(method: str, bits: int, range: str, momentum: float, delta: float) -> ActivationQAT:
-    if method == "ste":
-        return STEActivationQuantizer(bits, range=range, momentum=momentum)
-    if method == "lsq":
-        return LSQActivationQuantizer(bits)
-    return EWGSActivationQuantizer(bits, delta=delta)
 
 
 @contextmanager
@@ -206,20 +176,22 @@ def prepare_qat(
     check_finite(model)
 
     target = model if inplace else copy.deepcopy(model)
-    granularity = w_granularity or DEFAULT_GRANULARITY[method]
+    qat_method = QAT_METHODS.build(method)
+    granularity = w_granularity or qat_method.default_granularity
+    options = QATOptions(range=range, momentum=momentum, delta=delta)
     parametrized: list[nn.Module] = []
     hooked: list[tuple[nn.Module, torch.utils.hooks.RemovableHandle]] = []
     try:
         for item in selector.select(target):
             module, weight = item.module, item.module.weight
             if w_bits is not None:
-                wq = _weight_quantizer(method, weight, item.bits_override or w_bits, granularity, range, delta,
-                                       out_axis(module) or 0)
+                wq = qat_method.weight_quantizer(weight, item.bits_override or w_bits, granularity,
+                                                 out_axis(module) or 0, options)
                 parametrize.register_parametrization(module, "weight", wq.to(weight.device, weight.dtype))
                 parametrized.append(module)
             if a_bits is not None and not takes_index_inputs(module):
                 bits = max(item.bits_override, 2) if item.bits_override else a_bits
-                aq = _activation_quantizer(method, bits, range, momentum, delta).to(weight.device, weight.dtype)
+                aq = qat_method.activation_quantizer(bits, options).to(weight.device, weight.dtype)
                 hooked.append((module, attach_input_module(module, aq)))
         if calib is not None and hooked:
             calibrate_activation_quantizers(target, [getattr(m, ATTR) for m, _ in hooked], calib, calib_batches)

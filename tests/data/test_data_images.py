@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qready.data import load_dataset, make_loaders
-from qready.data.images import center_box, crop, image_tensor, random_box, split_files
+from qready.data.images import center_box, crop, image_tensor, random_box
+from qready.data.registry import split_seeded
 from qready.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 Image = pytest.importorskip("PIL.Image", reason="the images dataset decodes files with Pillow")
@@ -126,12 +127,12 @@ def test_center_box_and_identity_crop():
 
 def test_split_files_bounds(tmp_path):
     files = [tmp_path / f"{i}.png" for i in range(3)]
-    train, test = split_files(files, 0.99, seed=0)
+    train, test = split_seeded(files, 0.99, seed=0, what="image files")
     assert len(test) == 2 and len(train) == 1
-    train, test = split_files(files, 0.01, seed=0)
-    assert len(test) == 1 and len(train) == 2
+    train, test = split_seeded(files, 0.01, seed=0, what="image files")
+    assert len(test) == 1 and len(train) == 2 and sorted(train + test) == files
     with pytest.raises(ValueError, match="at least 2 image files"):
-        split_files(files[:1], 0.5, seed=0)
+        split_seeded(files[:1], 0.5, seed=0, what="image files")
 
 
 @pytest.mark.parametrize(

@@ -185,3 +185,63 @@ def test_real_torchvision_mobilenet_v2_recognises_photos():
         probs = model(x).softmax(1)
     assert probs.argmax(1).tolist() == [285, 967]  # ImageNet "Egyptian cat", "espresso"
     assert probs[1, 967] > 0.9
+
+
+# ------------------------------------------------------------------ recipes: model.weights / model.factory
+def _recipe(model: dict):
+    from qready.recipe import load_recipe
+
+    return load_recipe({"model": model, "data": {"name": "digits"}})
+
+
+def test_recipe_loads_pretrained_weights(tmp_path):
+    from qready.app.stages import prepare
+
+    torch.manual_seed(5)
+    source = create_model("mlp", num_classes=10, in_features=64)
+    torch.save(source.state_dict(), tmp_path / "mlp.pt")
+    prepared = prepare(_recipe({"name": "mlp", "weights": str(tmp_path / "mlp.pt")}))
+    for key, value in source.state_dict().items():
+        assert torch.equal(prepared.model.state_dict()[key], value), key
+    fresh = prepare(_recipe({"name": "mlp", "weights": str(tmp_path / "mlp.pt")}), pretrained=False)
+    key = next(iter(source.state_dict()))
+    assert not torch.equal(fresh.model.state_dict()[key], source.state_dict()[key])
+
+
+def test_recipe_factory_builds_any_importable_model(tmp_path):
+    from qready.app.stages import build_model, load_dataset
+
+    recipe = _recipe({"factory": "torch.nn:Linear", "args": {"out_features": 3}})
+    assert recipe.model.name is None and recipe.model.label == "torch.nn:Linear"
+    splits = load_dataset("digits")
+    model = build_model(recipe, splits)  # in_features from the data (64); no num_classes (Linear takes none)
+    assert isinstance(model, torch.nn.Linear) and (model.in_features, model.out_features) == (64, 3)
+    torch.save({"weight": torch.ones(3, 64), "bias": torch.zeros(3)}, tmp_path / "lin.pt")
+    recipe = _recipe({"factory": "torch.nn:Linear", "args": {"out_features": 3}, "weights": str(tmp_path / "lin.pt")})
+    assert torch.equal(build_model(recipe, splits).weight, torch.ones(3, 64))
+    assert _recipe({}).model.name == "dwcnn"  # the default model when neither is given
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"name": "mlp", "factory": "torch.nn:Linear"}, "not both"),
+        ({"factory": "torch.nn.Linear"}, "package.module:function"),
+        ({"factory": "no_such_package_xyz:build"}, "cannot import module"),
+        ({"factory": "torch.nn:NoSuchLayer"}, "has no attribute"),
+        ({"factory": "math:pi"}, "not callable"),
+        ({"name": "mlp", "weights": 3}, "model.weights"),
+    ],
+)
+def test_recipe_model_errors(model, needle):
+    from qready.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=needle):
+        _recipe(model)
+
+
+def test_factory_returning_a_non_module_is_refused():
+    from qready.app.stages import build_model, load_dataset
+
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        build_model(_recipe({"factory": "argparse:Namespace"}), load_dataset("digits"))

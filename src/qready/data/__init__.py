@@ -5,7 +5,7 @@
 >>> train_loader, test_loader = make_loaders(splits, batch_size=64, seed=0)
 """
 
-from . import cifar, digits, imagefolder, images, mnist1d, synthetic  # noqa: F401  (import registers the loaders)
+from . import cifar, digits, imagefolder, images, mnist1d, synthetic, text  # noqa: F401  (import registers the loaders)
 from .registry import DATASETS, DatasetSplits, list_datasets, load_dataset, make_loaders
 
 __all__ = ["DATASETS", "DatasetSplits", "list_datasets", "load_dataset", "make_loaders"]

@@ -9,7 +9,7 @@ registering your own. ``create_model(name, weights=path)`` loads pretrained weig
 from __future__ import annotations
 
 from . import alexnet, cnn, mlp, mobilenet, resnet, vgg  # noqa: F401  (registration side effects)
-from .registry import MODELS, create_model, list_models
+from .registry import MODELS, create_model, import_factory, list_models
 from .weights import WeightsMismatchError, load_weights
 
-__all__ = ["MODELS", "WeightsMismatchError", "create_model", "list_models", "load_weights"]
+__all__ = ["MODELS", "WeightsMismatchError", "create_model", "import_factory", "list_models", "load_weights"]

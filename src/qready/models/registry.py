@@ -14,7 +14,10 @@ you call ``create_model("tiny", num_classes=5)``; names are unique, so registeri
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
+from collections.abc import Callable
 
 from torch import nn
 
@@ -40,3 +43,25 @@ def create_model(name: str, *, weights: str | os.PathLike[str] | StateDict | Non
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
     return MODELS.names()
+
+
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    """The callable named ``"package.module:function"`` (``"package.module:Class"`` or a dotted
+    attribute path after the colon work too), imported now; a clear error when it does not exist."""
+    if not isinstance(path, str) or not FACTORY_PATTERN.match(path):
+        raise ValueError(f"a model factory must look like 'package.module:function'; got {path!r}")
+    module_name, attr = path.split(":")
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model factory {path!r}: cannot import module {module_name!r} ({err})") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model factory {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model factory {path!r} is not callable")
+    return obj  # type: ignore[return-value]

@@ -213,3 +213,31 @@ def test_sweep_rows_on_unlabeled_and_labelled_data(tmp_path):
     assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0  # plots the agreement without labels
     with_labels = [t for t, _, _ in sweep_tables(sweep(model, [(x, y)], bits=[4]))]
     assert with_labels[0].startswith("Test accuracy") and len(with_labels) == 5  # accuracy alongside fidelity
+
+
+def test_inspect_measures_each_layers_fidelity_without_labels():
+    from qready.evaluate.inspect import diagnose
+    from qready.quant import QuantSpec
+    from qready.quant.functional import fake_quantize
+
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 8.0  # one outlier: the first layer's 3-bit grid becomes coarse
+    x, y = _data(96)
+    unlabeled = [x[:48], x[48:]]
+    spec = QuantSpec(bits=8, granularity="tensor")
+    result = diagnose(model, unlabeled, bits=(8, 3), spec=spec)
+    assert not result.labelled
+    first, last = result.layers
+    assert first["fidelity"][3]["kl"] > last["fidelity"][3]["kl"]  # the outlier layer moves the outputs most
+    assert any(line.startswith("largest output error at W3 when quantized alone: 0 ") for line in result.recommend)
+    # the measured KL is the fidelity of the model with only that layer quantized
+    alone = copy.deepcopy(model)
+    with torch.no_grad():
+        alone[0].weight.copy_(fake_quantize(alone[0].weight, spec.with_bits(3)))
+    direct = fidelity(model, alone, unlabeled)
+    for key in ("kl", "agreement", "sqnr_db"):
+        assert first["fidelity"][3][key] == pytest.approx(direct[key], rel=1e-6), key
+    # labels change the loss and gradient, not the fidelity
+    labelled = diagnose(model, [(x[:48], y[:48]), (x[48:], y[48:])], bits=(8, 3), spec=spec)
+    assert labelled.labelled and labelled.layers[0]["fidelity"] == first["fidelity"]

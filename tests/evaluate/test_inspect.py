@@ -22,7 +22,7 @@ from qready.quant.spec import QuantSpec
 from qready.train import TrainConfig, fit, seed_everything
 
 LAYER_KEYS = {"name", "type", "numel", "min", "max", "range", "max_abs", "std", "max_abs_over_std",
-              "outlier_share", "kurtosis", "grad_l1", "sensitivity", "measured", "rank", "position", "keep_higher"}
+              "outlier_share", "kurtosis", "grad_l1", "sensitivity", "measured", "fidelity", "rank", "position", "keep_higher"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -183,12 +183,12 @@ def test_json_has_every_field_and_no_nan():
 def test_table_lists_every_layer():
     model = create_model("dwcnn", num_classes=10, in_channels=1, width=4)
     result = diagnose(model, [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))], bits=(4, 2))
-    console = Console(file=io.StringIO(), width=100)
+    console = Console(file=io.StringIO(), width=160)
     console.print(result.table())
     text = console.file.getvalue()
     for layer in result.layers:
         assert layer["name"] in text
-    assert "S W2" in text and "ΔL W2" in text
+    assert "S W2" in text and "ΔL W2" in text and "KL W2" in text
 
 
 @pytest.mark.parametrize(

@@ -24,19 +24,30 @@ def _bits_list(text: str) -> list[int | str]:
     return items
 
 
+def _int_list(text: str) -> list[int]:
+    """``8,4,3,2`` -> ``[8, 4, 3, 2]`` (argparse type)."""
+    items = _csv(text)
+    if not items or not all(p.isdigit() for p in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,4,3,2; got {text!r}")
+    return [int(p) for p in items]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2), naming the command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def _load(recipe_path: str, overrides: list[str]):
-    import yaml
+    from ..recipe import apply_overrides, load_recipe
+    from .pipeline import read_recipe_file
 
-    from ..recipe import RecipeError, apply_overrides, load_recipe
-
-    path = Path(recipe_path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {recipe_path!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_recipe_file(Path(recipe_path))
     return load_recipe(apply_overrides(data, overrides) if overrides else data)
 
 
@@ -47,17 +58,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if recipe.grid:
         raise ValueError("this recipe holds a grid of experiments: run it with `qready run`")
     run_dir = default_run_dir(recipe, args.out)
+    from contextlib import nullcontext
+
+    from .stages import check_model_args
+
+    check_model_args(recipe)  # before the run directory is created
+
     from ..train.distributed import cleanup_distributed, init_distributed, is_main_process
+    from .rundir import check_new_run, run_lock
 
     device = init_distributed()  # under torchrun: gloo on CPU, NCCL on GPUs; None for one process
     main_process = is_main_process()
     try:
-        train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress and main_process,
-                     device=device)
+        if main_process:
+            check_new_run(run_dir, resume=args.resume, force=args.force)
+        with run_lock(run_dir) if main_process else nullcontext():
+            train_recipe(recipe, run_dir, resume=args.resume, progress=not args.no_progress and main_process,
+                         device=device)
     finally:
         cleanup_distributed()
     if main_process:
-        print(f"trained {recipe.model.name} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
+        print(f"trained {recipe.model.label} on {recipe.data.name}; checkpoint: {run_dir / 'checkpoint'}")
     return 0
 
 
@@ -67,10 +88,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prepared = prepare_from_checkpoint(Path(args.checkpoint), data_root=args.data_root)
     from .stages import sweep_recipe
 
-    rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range)
+    if args.json:
+        from .rundir import check_writable
+
+        check_writable(Path(args.json).parent)
+    rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range, method=args.method)
     show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from ..train.stats import jsonable
+
+        Path(args.json).write_text(json.dumps(jsonable(rows), indent=2, allow_nan=False))
     return 0
 
 
@@ -127,26 +154,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         recipe = load_recipe(path)
     if args.epochs is not None:
         recipe = replace(recipe, train=replace(recipe.train, epochs=args.epochs))
-    run_dir = Path(args.out)
+    from .rundir import check_new_run, holds_run, run_lock
+
+    run_dir = Path(args.out) if args.out else next(
+        d for d in (Path("runs") / f"demo{f'-{i}' if i else ''}" for i in range(10**6)) if not holds_run(d))
+    check_new_run(run_dir, resume=False, force=args.force)
     print(f"qready demo: training {recipe.model.name} on {recipe.data.name} for {recipe.train.epochs} epochs")
-    prepared = train_recipe(recipe, run_dir, progress=not args.no_progress)
-    rows = sweep_recipe(prepared)
-    show_sweep(rows, title="qready demo: test accuracy (%) after post-training quantization")
-    report = write_report(run_dir, rows, recipe, plot=True)
+    with run_lock(run_dir):
+        prepared = train_recipe(recipe, run_dir, progress=not args.no_progress)
+        rows = sweep_recipe(prepared)
+        show_sweep(rows, title="qready demo, post-training quantization")
+        report = write_report(run_dir, rows, recipe, plot=True)
     print(f"run directory: {run_dir} (report: {report.name}, plot: accuracy_vs_bits.png) "
           f"in {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qready", description="Make PyTorch models quantization-ready.")
+    parser = _Parser(prog="qready", description="Make PyTorch models quantization-ready.")
     parser.add_argument("--version", action="version", version=f"qready {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a small CNN on digits, PTQ-sweep 8->2 bits, write a report")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default: runs/demo, or runs/demo-1, -2, ... when it holds a run)")
     p.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
+    p.add_argument("--force", action="store_true", help="start over in a run directory that holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -154,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("--out", default=None, help="run directory (default: <output_dir>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="start over in a run directory that already holds a run (its metrics are replaced)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.lr=0.01 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -173,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="quantization-readiness diagnosis of a checkpoint, layer by layer")
     p.add_argument("checkpoint", help="checkpoint directory written by `qready train` / `qready run`")
-    p.add_argument("--bits", type=lambda t: [int(b) for b in _csv(t)], default=[8, 4, 3, 2],
+    p.add_argument("--bits", type=_int_list, default=[8, 4, 3, 2],
                    help="bit widths of the sensitivity estimate (default 8,4,3,2)")
     p.add_argument("--batches", type=int, default=4, help="training batches used for gradients (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -195,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory written by `qready train`")
     p.add_argument("--bits", type=_bits_list, default=None, help="e.g. 8,6,4,3,2 or 8,W4A8 (default: the recipe's)")
     p.add_argument("--range", type=_csv, default=None, help="range methods, e.g. minmax,mse,percentile")
+    p.add_argument("--method", default=None,
+                   help="PTQ method: rtn (round to nearest) or gptq (error-compensating); default: the recipe's")
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_sweep)
@@ -208,12 +246,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+    except Exception as err:  # every failure: one line on stderr, exit 2 (-v: the traceback)
         if args.verbose:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"qready {args.command}: error: {message}", file=sys.stderr)
+        print(f"qready {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """One line naming the cause of ``err``: its message (a file error names the file); errors that
+    are not the usual user-input kinds carry their type and a hint to run with ``-v``."""
+    if isinstance(err, OSError) and err.filename is not None:
+        message = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, KeyError) and err.args:
+        message = str(err.args[0])
+    else:
+        message = str(err) or type(err).__name__
+    if not isinstance(err, (ValueError, TypeError, KeyError, OSError, ImportError)):
+        message = f"{type(err).__name__}: {message} (run with -v for the traceback)"
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

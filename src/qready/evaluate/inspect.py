@@ -10,7 +10,12 @@ is the group's grid step at ``b`` bits (the ``scale`` of :func:`compute_qparams`
 the distance between ``±scale``) and ``∇L`` is the cross-entropy gradient over a few batches in eval
 mode (BatchNorm frozen). Rounding moves each weight by at most ``δ/2``, so by Hölder's inequality
 ``S_b`` bounds the first-order loss change of quantizing that layer alone (Alizadeh et al., 2020).
-Optionally the actual loss increase of quantizing only that layer is measured for comparison.
+Optionally the actual loss increase of quantizing only that layer is measured for comparison, with
+the fidelity of that model to the float one (KL(float ‖ quantized) in nats, top-1 agreement, output
+SQNR; see :mod:`qready.evaluate.fidelity`): which layer's rounding moves the outputs most.
+
+Without labels (tensor or dict batches) the float model's own top-1 classes are the targets of the
+cross-entropy, so the gradient and the measured loss increase stay defined.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import forward, model_device, output_tensor
+from ..batching import forward, model_device, move_inputs, output_tensor, split_batch
 from ..quant.functional import compute_qparams, fake_quantize
 from ..quant.grid import to_rows
 from ..quant.layers import layer_spec
 from ..quant.select import Selector, as_selector, is_depthwise
 from ..quant.spec import QuantSpec
 from ..regularizers.stats import weight_stats
+from .fidelity import FidelityMeter
 from .metrics import batch_to_device
 from .sweep import parse_bit_setting
 
@@ -49,11 +55,14 @@ class Diagnosis:
     ``layers``: one dict per selected layer in model order with ``name, type, numel, min, max, range,
     max_abs, std, max_abs_over_std, outlier_share`` (fraction of ``|w − mean| > 3·std``), ``kurtosis``
     (Pearson, 3 for a Gaussian), ``grad_l1`` (‖∇_W L‖₁), ``sensitivity`` ({bits: S_b}, loss units),
-    ``measured`` ({bits: loss increase when only this layer is quantized} or ``None``), ``rank``
+    ``measured`` ({bits: loss increase when only this layer is quantized} or ``None``), ``fidelity``
+    ({bits: {kl, agreement, agreement_confident, sqnr_db}} of that model against the float one, or
+    ``None``), ``rank``
     (1 = largest S at the lowest bit width), ``position`` (``"first"``, ``"last"`` or ``None``) and
     ``keep_higher`` (recommended to stay at a higher precision).
     ``recommend``: human-readable recommendations. ``spearman``: {bits: rank correlation between
-    estimated and measured increase across layers} (empty without measurements).
+    estimated and measured increase across layers} (empty without measurements). ``labelled``: whether
+    the batches had targets (otherwise the float model's top-1 classes served as targets).
     """
 
     layers: list[dict]
@@ -63,6 +72,7 @@ class Diagnosis:
     loss: float
     num_samples: int
     spearman: dict[int, float | None] = field(default_factory=dict)
+    labelled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN becomes ``None``; bit-width keys stay ints until serialized)."""
@@ -86,15 +96,18 @@ class Diagnosis:
             table.add_column(name, justify="left" if name == "type" else "right")
         for b in self.bits:
             table.add_column(f"S W{b}", justify="right")
-        if any(layer["measured"] is not None for layer in self.layers):
+        measured = any(layer["measured"] is not None for layer in self.layers)
+        if measured:
             table.add_column(f"ΔL W{low}", justify="right")
+            table.add_column(f"KL W{low}", justify="right")
         table.add_column("note")
         for layer in self.layers:
             row = [str(layer["rank"]), layer["name"], layer["type"], str(layer["numel"]), _g(layer["range"]),
                    _g(layer["max_abs_over_std"]), f"{100 * layer['outlier_share']:.2f}", _g(layer["kurtosis"])]
             row += [_g(layer["sensitivity"][b]) for b in self.bits]
-            if layer["measured"] is not None:
+            if measured:
                 row.append(_g(layer["measured"][low]))
+                row.append(_g(layer["fidelity"][low]["kl"]))
             notes = [p for p in (layer["position"], "keep higher" if layer["keep_higher"] else None) if p]
             row.append(", ".join(notes))
             table.add_row(*row, style="bold" if layer["keep_higher"] else None)
@@ -164,17 +177,19 @@ def _step_l1(weight: torch.Tensor, grad: torch.Tensor, spec: QuantSpec) -> float
 
 
 def _batch_losses(model: nn.Module, batches: Sequence, criterion: Criterion,
-                  device: torch.device) -> Iterator[torch.Tensor]:
-    """Per batch, ``criterion`` weighted by the batch's share of the samples: they sum to the mean loss."""
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch, ``(criterion weighted by the batch's share of the samples, output)``: the weighted
+    losses sum to the mean loss."""
     total = sum(int(y.shape[0]) for _, y in batches)
     for batch in batches:
         x, y = batch_to_device(batch, device, "diagnose")
-        yield criterion(output_tensor(forward(model, x)), y) * (y.shape[0] / total)
+        out = output_tensor(forward(model, x))
+        yield criterion(out, y) * (y.shape[0] / total), out
 
 
 def _loss(model: nn.Module, batches: Sequence, criterion: Criterion, device: torch.device) -> float:
     """Sample-weighted mean of ``criterion`` over the ``(x, y)`` ``batches``."""
-    return float(sum(loss.item() for loss in _batch_losses(model, batches, criterion, device)))
+    return float(sum(loss.item() for loss, _ in _batch_losses(model, batches, criterion, device)))
 
 
 def _gradients(model: nn.Module, weights: list[torch.Tensor], batches: Sequence, criterion: Criterion,
@@ -185,7 +200,7 @@ def _gradients(model: nn.Module, weights: list[torch.Tensor], batches: Sequence,
     try:
         for w in weights:
             w.requires_grad_(True)
-        for loss in _batch_losses(model, batches, criterion, device):
+        for loss, _ in _batch_losses(model, batches, criterion, device):
             for acc, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True), strict=True):
                 if g is not None:
                     acc += g
@@ -197,17 +212,37 @@ def _gradients(model: nn.Module, weights: list[torch.Tensor], batches: Sequence,
 
 @torch.no_grad()
 def _measure(model: nn.Module, weight: torch.Tensor, spec: QuantSpec, bits: Sequence[int], batches: Sequence,
-             criterion: Criterion, device: torch.device, base: float) -> dict[int, float]:
-    """Loss increase when only ``weight`` is fake-quantized at each bit width (restored afterwards)."""
+             refs: Sequence[torch.Tensor], criterion: Criterion, device: torch.device,
+             base: float) -> tuple[dict[int, float], dict[int, dict[str, float | None]]]:
+    """Loss increase, and fidelity to the float outputs ``refs``, when only ``weight`` is fake-quantized
+    at each bit width (restored afterwards); one pass over ``batches`` per bit width."""
     original = weight.detach().clone()
-    out = {}
+    increase, fid = {}, {}
     try:
         for b in bits:
             weight.copy_(fake_quantize(original, spec.with_bits(b)))
-            out[b] = _loss(model, batches, criterion, device) - base
+            meter, loss = FidelityMeter(), 0.0
+            for (part, out), ref in zip(_batch_losses(model, batches, criterion, device), refs, strict=True):
+                loss += float(part)
+                meter.update(ref, out)
+            res = meter.result()
+            increase[b] = loss - base
+            fid[b] = {k: res[k] for k in ("kl", "agreement", "agreement_confident", "sqnr_db")}
     finally:
         weight.copy_(original)
-    return out
+    return increase, fid
+
+
+def _largest_kl(layers: list[dict], bits: Sequence[int]) -> list[str]:
+    """Which layer, quantized alone, moves the outputs most, at the highest and lowest bit widths."""
+    lines = []
+    for b in dict.fromkeys((max(bits), min(bits))):
+        kls = [layer["fidelity"][b]["kl"] for layer in layers]
+        worst = int(np.argmax(kls))
+        share = f", {100 * kls[worst] / sum(kls):.0f}% of the sum over layers" if sum(kls) > 0 else ""
+        lines.append(f"largest output error at W{b} when quantized alone: {layers[worst]['name']} "
+                     f"(KL {kls[worst]:.3g} nats{share})")
+    return lines
 
 
 def _recommend(layers: list[dict], low: int) -> list[str]:
@@ -250,16 +285,17 @@ def diagnose(
 
     Args:
         model: any ``nn.Module``; it is left unchanged (weights, ``.grad`` and train/eval mode).
-        batches: labelled batches, ``(inputs, targets)`` or ``(dict, targets)``; the first ``num_batches`` are used for the gradient and the
-            measurements (e.g. a training DataLoader).
+        batches: batches of any form of :mod:`qready.batching` (e.g. a training DataLoader); the first
+            ``num_batches`` are used for the gradient and the measurements. Unlabeled batches take the
+            float model's top-1 classes as targets.
         select: which layers (a :class:`Selector` or its keyword arguments); first/last flags refer to
             the selector's candidates.
         bits: weight bit widths (1-8) to estimate at; layers are ranked at the lowest.
         spec: quantizer template (its ``bits`` is replaced; per channel, each layer's own output-channel
             axis); default per-channel symmetric min-max.
         num_batches: how many batches to use.
-        measure: also measure the actual loss increase of quantizing each layer alone (one evaluation
-            of the batches per layer and bit width).
+        measure: also measure the actual loss increase, and the fidelity to the float model, of
+            quantizing each layer alone (one evaluation of the batches per layer and bit width).
         criterion: ``criterion(logits, y) -> mean loss of the batch``; default cross-entropy.
     Returns:
         a :class:`Diagnosis`.
@@ -278,7 +314,7 @@ def diagnose(
     for batch in batches:
         if len(cached) >= num_batches:
             break
-        cached.append(batch_to_device(batch, None, "diagnose"))
+        cached.append(split_batch(batch))
     if not cached:
         raise ValueError("batches: the iterable yielded no batch")
     criterion = criterion or nn.functional.cross_entropy
@@ -289,6 +325,10 @@ def diagnose(
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():  # the float outputs: fidelity references, and targets for unlabeled batches
+            refs = [output_tensor(forward(model, move_inputs(x, device))) for x, _ in cached]
+        labelled = all(y is not None for _, y in cached)
+        cached = [(x, y if y is not None else ref.argmax(dim=1).cpu()) for (x, y), ref in zip(cached, refs, strict=True)]
         weights = [item.module.weight for item in chosen]
         grads = _gradients(model, weights, cached, criterion, device)
         with torch.no_grad():
@@ -296,6 +336,8 @@ def diagnose(
         layers = []
         for item, weight, grad in zip(chosen, weights, grads, strict=True):
             stats = weight_stats(weight)
+            measured, fid = (_measure(model, weight, layer_spec(item.module, spec), bit_list, cached, refs,
+                                      criterion, device, base) if measure else (None, None))
             layers.append({
                 "name": item.name,
                 "type": type(item.module).__name__ + (" (dw)" if is_depthwise(item.module) else ""),
@@ -303,9 +345,8 @@ def diagnose(
                 "outlier_share": outlier_share(weight),
                 "grad_l1": float(grad.double().abs().sum()),
                 "sensitivity": {b: _step_l1(weight, grad, layer_spec(item.module, spec.with_bits(b))) for b in bit_list},
-                "measured": (_measure(model, weight, layer_spec(item.module, spec), bit_list, cached, criterion,
-                                      device, base)
-                             if measure else None),
+                "measured": measured,
+                "fidelity": fid,
                 "position": edges.get(item.name),
             })
     finally:
@@ -323,5 +364,8 @@ def diagnose(
         if rho[low] is not None:
             recommend.append(f"first-order estimate vs measured loss increase at W{low}: "
                              f"Spearman rank correlation {rho[low]:.2f} across {len(layers)} layers")
+        recommend += _largest_kl(layers, bit_list)
+    if not labelled:
+        recommend.append("no labels: the float model's own top-1 classes were the targets of the loss")
     return Diagnosis(layers=layers, recommend=recommend, bits=bit_list, spec=asdict(spec), loss=base,
-                     num_samples=sum(int(y.shape[0]) for _, y in cached), spearman=rho)
+                     num_samples=sum(int(y.shape[0]) for _, y in cached), spearman=rho, labelled=labelled)

@@ -246,6 +246,9 @@ def _read_state_dict(root: Path, meta: dict[str, Any], map_location: str, verify
 
 def _root(path: str | os.PathLike) -> Path:
     root = _resolve(path)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{Path(path)} is a file, not a checkpoint directory (give the directory written by "
+                              "`qready train` or `qready run`, e.g. RUN/checkpoint or RUN/compressed)")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {Path(path)} does not exist")
     return root
@@ -274,6 +277,12 @@ def load_checkpoint(
         if not isinstance(train_state, dict):
             raise CheckpointError(f"checkpoint file {state_file} does not hold a dict")
     return Checkpoint(state_dict=state_dict, meta=meta, train_state=train_state, path=root)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of the checkpoint at ``path`` alone (neither weights nor training state are read,
+    so a damaged ``train_state.pt`` does not stop commands that need only the weights)."""
+    return _read_meta(_root(path))
 
 
 def load_model_weights(

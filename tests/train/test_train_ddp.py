@@ -1,7 +1,8 @@
 """Two gloo processes on 127.0.0.1 train exactly like one process on the same global batch.
 
 One spawn runs every scenario (plain training with gradient clipping, each registered regularizer,
-a loss-dependent learnable term, a NaN on one rank only, an interrupted-and-resumed run); the parent
+a loss-dependent learnable term, a NaN on one rank only, label-free distillation with a range
+regularizer, an interrupted-and-resumed run); the parent
 then trains each scenario in a single process on the union of the two ranks' batches and compares.
 """
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from qready.data import load_dataset, make_loaders
 from qready.models import create_model
 from qready.regularizers import build, list_regularizers
-from qready.train import StandardStep, StepContext, StopTraining, TrainConfig, fit, load_checkpoint
+from qready.train import Distill, StandardStep, StepContext, StopTraining, TrainConfig, fit, load_checkpoint
 from qready.train import distributed as qdist
 
 WORLD = 2
@@ -29,7 +30,7 @@ SEED = 0
 BATCH = 64  # the global batch: 32 per process
 CFG = TrainConfig(epochs=3, batch_size=BATCH, optimizer="adam", lr=0.01, schedule="cosine", grad_clip=1.0)
 REG_OPTIONS = {"grad_l1": {"act_weight": 0.05}, "cluster": {"bits": 2}}
-SCENARIOS = ["plain", "loss_scale", "no_sync", "nan_on_one_rank", *list_regularizers()]
+SCENARIOS = ["plain", "loss_scale", "no_sync", "nan_on_one_rank", "distill", *list_regularizers()]
 
 
 class LossScale(nn.Module):
@@ -91,14 +92,18 @@ def _terms(name: str, model: nn.Module) -> list:
         return [LossScale()]
     if name == "nan_on_one_rank":
         return [NaNOnRankOne()]
+    if name == "distill":  # distillation alone would not move the weights: it starts at its minimum
+        return [build("linf", model, weight=0.05)]
     return [build(name, model, weight=0.05, **REG_OPTIONS.get(name, {}))]
 
 
 def _train(name: str, loader, **kwargs) -> dict:
     model = _model()
+    objective = Distill(model) if name == "distill" else None  # the teacher is not wrapped in DDP
     terms = _terms(name, model)
     strategy = LocalPassFirst() if name == "no_sync" else None
-    result = fit(model, loader, CFG, loss_terms=terms, step_strategy=strategy, seed=SEED, progress=False, **kwargs)
+    result = fit(model, loader, CFG, loss_terms=terms, step_strategy=strategy, objective=objective, seed=SEED,
+                 progress=False, **kwargs)
     states = [t.state_dict() for t in terms if isinstance(t, nn.Module)]
     return {"model": {k: v.clone() for k, v in result.model.state_dict().items()},
             "terms": [{k: v.clone() for k, v in s.items()} for s in states],

@@ -1,75 +1,172 @@
-"""Post-training quantization: weights rounded onto the grid, activations calibrated on a few batches."""
+"""Post-training quantization: weights onto the grid by a registered method (round to nearest, GPTQ),
+optional bias correction, activations calibrated on a few batches."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from ...batching import batch_inputs, check_inputs_finite
 from ..activations import attach_input_quantizer, input_quantizers
 from ..calibrate import recalibrate_batchnorm, run_batches
-from ..functional import fake_quantize
-from ..select import Selector, as_selector
-from ..spec import QuantSpec
+from ..layers import takes_index_inputs
+from ..select import SelectedModule, Selector, as_selector
+from ..spec import WEIGHT_BITS, QuantSpec, check_bits
 from ..validate import check_finite
+from .bias_correction import correct_bias
+from .capture import capture_stats, execution_blocks, supports
+from .methods import PTQMethod, build_method
 
 log = logging.getLogger("qready.ptq")
 
 
+def as_spec(spec: QuantSpec | int) -> QuantSpec:
+    """A :class:`QuantSpec`, or an int bit width as shorthand for per-channel symmetric min-max."""
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return QuantSpec(bits=check_bits(spec, "spec (weight bits)", WEIGHT_BITS), granularity="channel")
+    raise TypeError(f"spec must be a QuantSpec or an int bit width; got {type(spec).__name__}")
+
+
+def calibration_inputs(calib: Iterable, max_batches: int) -> list:
+    """The inputs of the first ``max_batches`` batches of ``calib`` (held, so every pass sees the same
+    data); NaN/inf inputs are refused."""
+    inputs = []
+    for batch in calib:
+        if len(inputs) >= max_batches:
+            break
+        x = batch_inputs(batch)
+        check_inputs_finite(x, "ptq calibration")
+        inputs.append(x)
+    if not inputs:
+        raise ValueError("calib yielded no batches")
+    return inputs
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: QuantSpec, method: PTQMethod,
+                     batches: list | None, *, bias_correction: bool = False, sequential: bool = True) -> None:
+    """Quantize the chosen layers of ``model`` in place with ``method``.
+
+    Methods that use calibration (and bias correction) read each layer's input statistics from
+    ``batches``. ``sequential``: the layers are processed in forward order, in blocks of layers reading
+    the same input tensor; each block's statistics come from one pass over the batches through the model
+    whose earlier layers are already quantized (the pass stops after the block), so only one block's
+    statistics are held at a time. Otherwise one pass over the float model captures every layer's.
+    """
+    specs = {item.name: spec if item.bits_override is None else replace(spec, bits=item.bits_override)
+             for item in chosen}
+    modules = {item.name: item.module for item in chosen}
+    needs_stats = method.uses_calibration or bias_correction
+    stat_layers = [(item.name, item.module) for item in chosen if supports(item.module)] if needs_stats else []
+
+    def finish(name: str, stats) -> None:
+        module = modules[name]
+        original = module.weight.detach().clone() if bias_correction and stats is not None else None
+        method.quantize_layer(name, module, specs[name], stats)
+        if original is not None:
+            correct_bias(module, original, stats)
+
+    stat_names = [name for name, _ in stat_layers]
+    was_training = model.training
+    model.eval()
+    try:
+        blocks, calls = execution_blocks(model, stat_layers, batches[0]) if stat_layers else ([], {})
+        # one pass over the float model, or one pass per block over the partly quantized model
+        stats = capture_stats(model, stat_layers, batches, with_hessian=method.uses_calibration) \
+            if stat_layers and not sequential else {}
+        # layers without statistics first, so that the layers after them see their quantized outputs
+        for item in chosen:
+            if item.name not in stat_names:
+                finish(item.name, None)
+        for block in blocks:
+            if sequential:
+                stats = capture_stats(model, [(name, modules[name]) for name in block], batches,
+                                      with_hessian=method.uses_calibration, calls=calls)
+            for name in block:
+                finish(name, stats.get(name))
+    finally:
+        model.train(was_training)
+    done = {name for block in blocks for name in block}
+    missed = [name for name in stat_names if name not in done]
+    if missed:
+        log.warning("layers never called on the calibration batches, rounded without statistics: %s", missed)
+        for name in missed:
+            finish(name, None)
+
+
 def ptq(
     model: nn.Module,
-    spec: QuantSpec,
+    spec: QuantSpec | int,
     calib: Iterable | None = None,
     act_spec: QuantSpec | None = None,
     select: Selector | dict | None = None,
     *,
+    method: str | PTQMethod = "rtn",
+    bias_correction: bool = False,
+    sequential: bool = True,
     calib_batches: int = 8,
     bn_recalibrate: bool = False,
+    **method_options,
 ) -> nn.Module:
     """Return a quantized copy of ``model``; ``model`` itself is not modified.
 
     Args:
         model: any ``nn.Module``; the selected modules' ``weight`` tensors are quantized.
-        spec: weight quantizer.
-        calib: iterable of batches (tensors or ``(x, y)``) used to calibrate activation ranges and,
-            with ``bn_recalibrate``, BatchNorm statistics.
+        spec: weight quantizer, or an int bit width (per-channel symmetric min-max); per channel/group,
+            each layer's output-channel axis comes from :mod:`qready.quant.layers` (``spec.axis`` is used
+            for unregistered types).
+        calib: iterable of batches (any form of :mod:`qready.batching`) used by calibrated methods
+            (GPTQ), bias correction, activation ranges and, with ``bn_recalibrate``, BatchNorm statistics.
         act_spec: if given, each selected module's input is fake-quantized (per tensor) with ranges
             calibrated on ``calib``. Use ``symmetric=False`` for post-ReLU activations.
         select: which modules (a :class:`Selector` or its keyword arguments); first/last layers can be
             kept in float or at a higher bit width.
-        calib_batches: at most this many batches of ``calib`` are used.
+        method: ``"rtn"`` (round to nearest, no calibration) or ``"gptq"`` (error-compensating, needs
+            ``calib``), or a method object; see :data:`qready.quant.ptq.PTQ_METHODS`.
+        bias_correction: after quantizing each layer, remove its mean output shift on ``calib`` through
+            its bias (a zero bias is added to layers without one).
+        sequential: calibrated methods see the inputs produced by the already-quantized earlier layers
+            (one pass over ``calib`` per block of layers); ``False``: one pass on the float model.
+        calib_batches: at most this many batches of ``calib`` are used (they are held in memory).
         bn_recalibrate: re-estimate BatchNorm statistics of the quantized model on ``calib``.
+        **method_options: options of ``method`` (GPTQ: ``block_size``, ``damp``, ``act_order``).
     Returns:
         the quantized copy, in the training mode ``model`` had.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    spec = as_spec(spec)
     if act_spec is not None and not isinstance(act_spec, QuantSpec):
         raise TypeError(f"act_spec must be a QuantSpec or None, got {type(act_spec).__name__}")
-    if (act_spec is not None or bn_recalibrate) and calib is None:
-        raise ValueError("activation quantization and BN re-estimation need calibration batches: pass calib=")
+    quantizer = build_method(method, method_options)
+    needs_stats = quantizer.uses_calibration or bias_correction
+    if (act_spec is not None or bn_recalibrate or needs_stats) and calib is None:
+        raise ValueError(f"method={method!r}, bias correction, activation quantization and BN re-estimation "
+                         "need calibration batches: pass calib=")
     selector = as_selector(select)
     check_finite(model)
     if not selector.select(model):
         raise ValueError(
             f"no module of {type(model).__name__} matches the selector "
-            f"(types: {[t.__name__ for t in selector.types]}); nothing to quantize"
+            f"(types: {selector.type_names()}); nothing to quantize"
         )
 
+    batches = calibration_inputs(calib, calib_batches) if needs_stats else None
     qmodel = copy.deepcopy(model)
     chosen = selector.select(qmodel)
-    with torch.no_grad():
-        for item in chosen:
-            layer_spec = spec if item.bits_override is None else replace(spec, bits=item.bits_override)
-            weight = item.module.weight
-            weight.copy_(fake_quantize(weight, layer_spec))
+    start = time.perf_counter()
+    quantize_weights(qmodel, chosen, spec, quantizer, batches, bias_correction=bias_correction, sequential=sequential)
+    log.debug("quantized %d modules at %d bits with %s in %.2fs", len(chosen), spec.bits, quantizer,
+              time.perf_counter() - start)
     if act_spec is not None:
         for item in chosen:
-            if isinstance(item.module, nn.Embedding):
+            if takes_index_inputs(item.module):
                 continue  # integer inputs
             a_spec = act_spec if item.bits_override is None else replace(act_spec, bits=max(item.bits_override, 2))
             attach_input_quantizer(item.module, a_spec)
@@ -78,10 +175,9 @@ def ptq(
         seen = run_batches(qmodel, calib, calib_batches)
         if seen == 0:
             raise ValueError("calib yielded no batches")
-        for quantizer in input_quantizers(qmodel):
-            quantizer.finish_calibration()
+        for quantizer_ in input_quantizers(qmodel):
+            quantizer_.finish_calibration()
         qmodel.train(was_training)
     if bn_recalibrate:
         recalibrate_batchnorm(qmodel, calib, calib_batches)
-    log.debug("quantized %d modules at %d bits", len(chosen), spec.bits)
     return qmodel

@@ -1,0 +1,247 @@
+"""What GPTQ and bias correction need from the calibration data: each layer's input statistics.
+
+A layer is seen as ``G`` independent matrix products ``Y_g = W_g X_g`` (``G`` = convolution groups,
+1 otherwise):
+
+* ``nn.Linear`` (and any 2-D weight whose input features are the last axis of ``x``, e.g. Hugging Face
+  ``Conv1D``): ``W`` is ``[out, in]`` (read along the layer's output axis), ``X`` the flattened inputs;
+* ``nn.Conv1d/2d/3d``: ``W`` is the weight reshaped ``[out, in/G * prod(kernel)]`` and ``X`` the
+  im2col matrix (one column per output position, rows in the same ``(channel, k1, k2, ...)`` order as
+  the weight); grouped and depthwise convolutions give one ``[K, K]`` Hessian per group.
+
+Per layer we accumulate ``S = sum x x^T`` (``[G, K, K]``, float64 running sum of float32 chunk products),
+the column sum ``sum x`` (``[G, K]``) and the column count ``N``; the GPTQ Hessian is ``H = 2 S / N``.
+Inputs are processed in chunks of at most :data:`CHUNK_ELEMENTS` im2col elements, so memory stays
+bounded whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...batching import Inputs, forward, model_device, move_inputs
+from ..layers import out_axis, takes_index_inputs
+
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class LayerStats:
+    """Running input statistics of one layer: ``xx`` ``[G, K, K]`` and ``x_sum`` ``[G, K]`` (float64),
+    ``count`` columns seen."""
+
+    xx: torch.Tensor | None
+    x_sum: torch.Tensor
+    count: int = 0
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 X X^T / N``, ``[G, K, K]`` float64."""
+        if self.xx is None:
+            raise ValueError("these statistics were captured without the Hessian")
+        return self.xx * (2.0 / max(self.count, 1))
+
+    def mean(self) -> torch.Tensor:
+        """Mean input column ``E[x]``, ``[G, K]`` float64."""
+        return self.x_sum / max(self.count, 1)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """A forward (not transposed) convolution."""
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def supports(module: nn.Module) -> bool:
+    """True when the layer's output is a matrix product GPTQ can compensate (Linear-like or forward conv)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or takes_index_inputs(module):
+        return False
+    if is_conv(module):
+        return True
+    return weight.dim() == 2 and out_axis(module) is not None and not isinstance(module, nn.modules.conv._ConvNd)
+
+
+def _groups(module: nn.Module) -> int:
+    return int(module.groups) if is_conv(module) else 1
+
+
+def weight_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (or a tensor of its shape, e.g. a weight change) as ``[G, out/G, K]`` (a copy-free
+    view when the output axis is 0)."""
+    weight = module.weight if weight is None else weight
+    moved = weight.movedim(out_axis(module), 0)
+    groups = _groups(module)
+    return moved.reshape(groups, moved.shape[0] // groups, -1)
+
+
+def matrix_to_weight(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_matrix`: ``[G, out/G, K]`` back to the weight's shape and layout."""
+    axis = out_axis(module)
+    moved_shape = list(module.weight.shape)
+    moved_shape.insert(0, moved_shape.pop(axis))
+    return matrix.reshape(moved_shape).movedim(0, axis)
+
+
+def _conv_padding(module: nn.modules.conv._ConvNd) -> list[int]:
+    """``F.pad`` amounts (last spatial dimension first) reproducing the convolution's padding."""
+    pads: list[int] = []
+    for dim in reversed(range(len(module.kernel_size))):
+        if module.padding == "valid":
+            left = right = 0
+        elif module.padding == "same":
+            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = module.padding[dim]
+        pads += [left, right]
+    return pads
+
+
+def im2col(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a batched convolution input ``[B, C, *S]``: ``[B, C * prod(kernel), L]`` with rows in
+    ``(channel, k1, k2, ...)`` order (as :func:`torch.nn.functional.unfold` for 2-D) and ``L`` output
+    positions, so that ``conv(x) == W.reshape(out, -1) @ im2col(x)`` (one group, no bias)."""
+    pads = _conv_padding(module)
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    dims = len(module.kernel_size)
+    for d in range(dims):
+        span = module.dilation[d] * (module.kernel_size[d] - 1) + 1
+        x = x.unfold(2 + d, span, module.stride[d])
+    # x: [B, C, L1..Ld, span1..spand] -> keep every dilation-th tap
+    taps = tuple(slice(None, None, module.dilation[d]) for d in range(dims))
+    x = x[(Ellipsis, *taps)]
+    batch, channels = x.shape[:2]
+    order = [0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims)]
+    return x.permute(order).reshape(batch, channels * math.prod(module.kernel_size), -1)
+
+
+def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``[G, N, K]`` columns (one row per output position and sample)."""
+    if is_conv(module):
+        dims = len(module.kernel_size)
+        if x.dim() == dims + 1:  # unbatched input
+            x = x.unsqueeze(0)
+        cols = im2col(module, x)  # [B, C*k, L]
+        groups = module.groups
+        batch, rows, length = cols.shape
+        cols = cols.reshape(batch, groups, rows // groups, length)
+        return cols.permute(1, 0, 3, 2).reshape(groups, batch * length, rows // groups)
+    return x.reshape(1, -1, x.shape[-1])
+
+
+def _chunks(module: nn.Module, x: torch.Tensor):
+    """``x`` split along its first axis so each chunk's im2col has at most :data:`CHUNK_ELEMENTS` values."""
+    if x.dim() == 0 or x.shape[0] <= 1:
+        yield x
+        return
+    per_sample = x[:1].numel()
+    if is_conv(module):
+        per_sample *= math.prod(module.kernel_size) / math.prod(module.stride)
+    step = max(1, int(CHUNK_ELEMENTS // max(per_sample, 1)))
+    yield from x.split(step)
+
+
+class StatsCollector:
+    """Accumulates :class:`LayerStats` of one layer from the inputs it is called with."""
+
+    def __init__(self, module: nn.Module, with_hessian: bool) -> None:
+        self.module = module
+        self.with_hessian = with_hessian
+        self.stats: LayerStats | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add the input ``x`` of one call of the layer."""
+        for chunk in _chunks(self.module, x.detach()):
+            cols = input_columns(self.module, chunk.float())  # [G, N, K]
+            if self.stats is None:
+                groups, _, k = cols.shape
+                xx = torch.zeros(groups, k, k, dtype=torch.float64, device=cols.device) if self.with_hessian else None
+                self.stats = LayerStats(xx, torch.zeros(groups, k, dtype=torch.float64, device=cols.device))
+            if self.with_hessian:
+                self.stats.xx += torch.bmm(cols.transpose(1, 2), cols).double()
+            self.stats.x_sum += cols.sum(dim=1, dtype=torch.float64)
+            self.stats.count += cols.shape[1]
+
+
+class _Stop(Exception):
+    """Raised by a capture hook once every watched layer has seen its inputs: the rest of the forward
+    pass is not needed."""
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+@torch.no_grad()
+def execution_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], batch_inputs_: Inputs
+                     ) -> tuple[list[list[str]], dict[str, int]]:
+    """Layers in the order the forward pass first calls them, grouped into blocks of consecutive layers
+    that read the very same input tensor (e.g. the query/key/value projections of an attention layer:
+    none feeds another, so one pass captures them all); also how many times each layer is called per
+    forward. Layers the forward pass never calls are left out."""
+    calls: dict[str, int] = {}
+    blocks: list[list[str]] = []
+    last: dict[str, torch.Tensor | None] = {"input": None}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = _first_tensor(args)
+            if name not in calls:
+                if blocks and x is not None and x is last["input"]:
+                    blocks[-1].append(name)
+                else:
+                    blocks.append([name])
+            calls[name] = calls.get(name, 0) + 1
+            last["input"] = x
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers]
+    try:
+        forward(model, batch_inputs_)
+    finally:
+        for h in handles:
+            h.remove()
+    return blocks, calls
+
+
+@torch.no_grad()
+def capture_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, *, with_hessian: bool,
+                  calls: dict[str, int] | None = None) -> dict[str, LayerStats]:
+    """Run ``batches`` (inputs already checked) through ``model`` and return each layer's input statistics.
+
+    With ``calls`` (calls per forward of each layer, from :func:`execution_blocks`) the forward pass of
+    each batch stops as soon as every layer of ``layers`` has been called that many times.
+    """
+    collectors = {name: StatsCollector(module, with_hessian) for name, module in layers}
+    seen = dict.fromkeys(collectors, 0)
+
+    def hook(name: str):
+        def add(_module: nn.Module, args: tuple) -> None:
+            x = _first_tensor(args)
+            if x is not None:
+                collectors[name].add(x)
+            seen[name] += 1
+            if calls is not None and all(seen[n] >= calls.get(n, 1) for n in seen):
+                raise _Stop
+        return add
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers]
+    device = model_device(model)
+    try:
+        for inputs in batches:
+            seen.update(dict.fromkeys(seen, 0))
+            try:
+                forward(model, move_inputs(inputs, device))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: c.stats for name, c in collectors.items() if c.stats is not None}

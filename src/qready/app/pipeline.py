@@ -162,7 +162,11 @@ def run_experiment(recipe: Recipe, run_dir: Path, *, force: bool = False, progre
 
 def read_recipe_file(path: Path) -> dict:
     """The mapping of a YAML recipe file (``RecipeError`` naming the file for a missing file, a YAML
-    syntax error, with its line, or a top level that is not a mapping)."""
+    syntax error, with its line, or a top level that is not a mapping). A name that is not a file but
+    names an installed recipe (``demo``, see ``qready list recipes``) reads that recipe."""
+    from .catalogue import resolve_recipe
+
+    path = resolve_recipe(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:

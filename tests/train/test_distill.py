@@ -2,6 +2,7 @@
 regularizer and back-end, every batch form, recipes, and a fine-tune with R² on real digits."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -225,3 +226,22 @@ def test_distillation_with_r2_on_digits_keeps_agreement_and_shrinks_ranges(digit
     for base, plain, reg in zip(_max_abs(model), ranges["none"], ranges["linf"], strict=True):
         assert abs(plain - base) < 0.05 * base  # distillation alone keeps the ranges (it starts at its minimum)
         assert reg < 0.92 * base  # R² shrinks every layer's range (~15% here)
+
+
+def test_recipe_distill_fine_tune_then_qat_from_the_float_teacher(digits_model, tmp_path):
+    from qready.app.stages import compress_stage, train_recipe
+
+    model = digits_model[0]
+    weights = tmp_path / "pretrained.pt"
+    torch.save(model.state_dict(), weights)
+    recipe = load_recipe({
+        "name": "kd", "model": {"name": "mlp", "args": {"hidden": [64]}, "weights": str(weights)},
+        "data": {"name": "digits"}, "regularizers": [{"name": "linf", "weight": 0.1}],
+        "train": {"objective": "distill", "temperature": 2.0, "epochs": 1, "lr": 1e-3},
+        "compress": {"method": "lsq", "w_bits": 3, "epochs": 1, "lr": 1e-3},
+    })
+    prepared = train_recipe(recipe, tmp_path / "run", progress=False)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val_kl"] < 0.01 and last["val_agreement"] > 97  # the fine-tuned float model stays close
+    row = compress_stage(prepared, tmp_path / "run", progress=False)["row"]
+    assert row["agreement"] > 90 and 0 < row["kl"] < 0.5 and row["accuracy"] > 85

@@ -7,8 +7,12 @@ per-tensor asymmetric min-max activations). Settings: the plain baseline and gra
 applied (as in the paper) only in the last third of the epochs. The held ‖∇_W L‖₁ column is the
 penalised quantity measured after training on the first test batch (BatchNorm in train mode).
 
+Both modes of the penalty's gradient are trained: ``exact`` (double backprop, the penalty added to the
+loss) and ``finite_difference`` (one extra forward + backward per step, through ``GradL1.step_strategy``).
+
 Cost: step time with the penalty / plain step (forward + backward + optimizer), ResNet-20 on
-``[32, 3, 32, 32]`` on the CPU, steps interleaved so that load changes hit both alike.
+``[32, 3, 32, 32]`` on the CPU, plain, exact and finite-difference steps interleaved so that load
+changes hit all alike.
 
     python -m benchmarks.grad_l1 [--quick] [--threads N]
 """
@@ -35,18 +39,22 @@ COLUMNS = ["FP", "W8A8", "W6A6", "W4A4", "W4A8", "W3A8", "W4", "W3"]
 
 @dataclass(frozen=True)
 class Setting:
-    """One training recipe: λ_w, λ_a and the fraction of the epochs (at the end) with the penalty."""
+    """One training recipe: λ_w, λ_a, the fraction of the epochs (at the end) with the penalty, the mode."""
 
     label: str
     weight: float = 0.0
     act_weight: float = 0.0
     last_fraction: float = 1 / 3
+    mode: str = "exact"
 
-    def terms(self, model, epochs: int) -> list[GradL1]:
+    def fit_kwargs(self, model, epochs: int) -> dict:
+        """``loss_terms`` (exact mode) or ``step_strategy`` (finite-difference mode) for ``fit``."""
         if self.weight == 0 and self.act_weight == 0:
-            return []
+            return {}
         last = max(1, round(epochs * self.last_fraction))
-        return [GradL1(model, weight=self.weight, act_weight=self.act_weight, last_epochs=last, epochs=epochs)]
+        reg = GradL1(model, weight=self.weight, act_weight=self.act_weight, last_epochs=last, epochs=epochs,
+                     mode=self.mode)
+        return {"loss_terms": [reg]} if self.mode == "exact" else {"step_strategy": reg.step_strategy()}
 
 
 # λ grid from pilots (seed 0): applied in the last third of a cosine schedule, λ_w up to 10 leaves FP
@@ -58,8 +66,11 @@ FULL_SETTINGS = [
     Setting("λw=1", 1.0),
     Setting("λw=10", 10.0),
     Setting("λw=1 λa=0.1", 1.0, 0.1),
+    Setting("fd λw=1", 1.0, mode="finite_difference"),
+    Setting("fd λw=10", 10.0, mode="finite_difference"),
+    Setting("fd λw=1 λa=0.1", 1.0, 0.1, mode="finite_difference"),
 ]
-QUICK_SETTINGS = [Setting("baseline"), Setting("λw=1", 1.0)]
+QUICK_SETTINGS = [Setting("baseline"), Setting("λw=1", 1.0), Setting("fd λw=1", 1.0, mode="finite_difference")]
 
 
 def held_grad_l1(model, setup: common.Setup, seed: int) -> float:
@@ -84,11 +95,12 @@ def quality(setup_name: str, seeds: list[int], settings: list[Setting], epochs: 
             splits, _, _ = common.loaders(setup, seed)
             model = common.new_model(setup, splits, seed)
             start = time.perf_counter()
-            model, final = common.train(setup, seed, model=model, loss_terms=setting.terms(model, n_epochs),
-                                        epochs=n_epochs)
+            model, final = common.train(setup, seed, model=model, epochs=n_epochs,
+                                        **setting.fit_kwargs(model, n_epochs))
             train_s = time.perf_counter() - start
             acc = common.ptq_accuracies(model, setup, seed, BITS, ("minmax",))
-            row = {"setup": setup_name, "setting": setting.label, "seed": seed, "weight": setting.weight,
+            row = {"setup": setup_name, "setting": setting.label, "mode": setting.mode, "seed": seed,
+                   "weight": setting.weight,
                    "act_weight": setting.act_weight, "epochs": n_epochs,
                    "penalty_epochs": max(1, round(n_epochs * setting.last_fraction)) if setting.weight or
                    setting.act_weight else 0,
@@ -102,32 +114,43 @@ def quality(setup_name: str, seeds: list[int], settings: list[Setting], epochs: 
 
 
 def step_cost(steps: int, act_weight: float = 0.0) -> dict:
-    """Median step time (s) plain and with grad-ℓ1, ResNet-20, batch 32 of 3x32x32, SGD, interleaved."""
+    """Median step times (s): plain, grad-ℓ1 exact and finite-difference; ResNet-20, batch 32 of 3x32x32,
+    SGD, the three steps interleaved. Each mode is used the documented way: exact as a loss term,
+    finite difference through ``GradL1.step``."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_channels=3).train()
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    reg = GradL1(model, weight=0.01, act_weight=act_weight)
+    exact = GradL1(model, weight=0.01, act_weight=act_weight)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def step(with_penalty: bool) -> float:
-        start = time.perf_counter()
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def with_exact() -> None:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
-        total = loss + reg(model, loss=loss) if with_penalty else loss
-        total.backward()
+        (loss + exact(model, loss=loss)).backward()
         opt.step()
-        return time.perf_counter() - start
 
-    for _ in range(3):
-        step(False), step(True)
-    plain, penalised = [], []
-    for _ in range(steps):
-        plain.append(step(False))
-        penalised.append(step(True))
-    reg.remove()
-    p, g = statistics.median(plain), statistics.median(penalised)
-    return {"act_weight": act_weight, "threads": torch.get_num_threads(), "plain_s": p, "grad_l1_s": g,
-            "ratio": g / p, "steps": steps, "load_avg_1min": os.getloadavg()[0]}
+    fd = GradL1(model, weight=0.01, act_weight=act_weight, mode="finite_difference")
+
+    def closure() -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def with_fd() -> None:
+        fd.step(model, closure, opt)
+
+    times = common.interleaved_medians({"plain": plain, "exact": with_exact, "fd": with_fd}, repeats=steps, warmup=3)
+    exact.remove()
+    fd.remove()
+    p = times["plain"]
+    return {"act_weight": act_weight, "threads": torch.get_num_threads(), "plain_s": p,
+            "grad_l1_s": times["exact"], "ratio": times["exact"] / p, "fd_s": times["fd"], "fd_ratio": times["fd"] / p,
+            "steps": steps, "load_avg_1min": os.getloadavg()[0]}
 
 
 def paired_deltas(rows: list[dict], settings: list[Setting]) -> list[list[str]]:
@@ -141,6 +164,24 @@ def paired_deltas(rows: list[dict], settings: list[Setting]) -> list[list[str]]:
                 lines.append([setup_name, setting.label, *(
                     common.mean_std([r["accuracy"][c] - base[(setup_name, r["seed"])][c] for r in sel])
                     for c in COLUMNS)])
+    return lines
+
+
+def mode_deltas(rows: list[dict], settings: list[Setting]) -> list[list[str]]:
+    """Per (setup, finite-difference setting): accuracy minus the exact-mode run of the same λ and seed."""
+    def key(r: dict) -> tuple:
+        return r["setup"], r["seed"], r["weight"], r["act_weight"]
+
+    exact = {key(r): r for r in rows if r["mode"] == "exact" and (r["weight"] or r["act_weight"])}
+    lines = []
+    for setup_name in dict.fromkeys(r["setup"] for r in rows):
+        for setting in settings:
+            sel = [r for r in rows if r["setup"] == setup_name and r["setting"] == setting.label
+                   and r["mode"] != "exact" and key(r) in exact]
+            if sel:
+                lines.append([setup_name, setting.label, *(
+                    common.mean_std([r["accuracy"][c] - exact[key(r)]["accuracy"][c] for r in sel]) for c in COLUMNS),
+                    common.mean_std([r["held_grad_l1"] - exact[key(r)]["held_grad_l1"] for r in sel])])
     return lines
 
 
@@ -163,13 +204,17 @@ def markdown(rows: list[dict], settings: list[Setting], costs: list[dict]) -> st
            common.markdown_table(header, lines), "",
            "## Paired difference to the baseline of the same seed (accuracy points, mean ± std over seeds)\n",
            common.markdown_table(["setup", "setting", *COLUMNS], paired_deltas(rows, settings)), "",
+           "## Finite difference minus exact, same λ and seed (accuracy points, mean ± std over seeds)\n",
+           "Where the spread over seeds covers 0, the two modes are equal within seed noise.\n",
+           common.markdown_table(["setup", "setting", *COLUMNS, "held ‖∇W L‖₁"], mode_deltas(rows, settings)), "",
            "## Cost: ResNet-20, batch 32 of 3x32x32, CPU, median of interleaved steps (SGD step included)\n",
            "The machine's 1-minute load average is shown: timings on a shared machine are noisy.\n"]
     out.append(common.markdown_table(
-        ["term", "threads", "plain step ms", "grad-ℓ1 step ms", "ratio", "load avg"],
+        ["term", "threads", "plain step ms", "exact step ms", "exact ratio", "finite-difference step ms",
+         "fd ratio", "load avg"],
         [["weights" if c["act_weight"] == 0 else "weights + activations", str(c["threads"]),
           f"{1000 * c['plain_s']:.1f}", f"{1000 * c['grad_l1_s']:.1f}", f"{c['ratio']:.2f}×",
-          f"{c['load_avg_1min']:.1f}"] for c in costs]))
+          f"{1000 * c['fd_s']:.1f}", f"{c['fd_ratio']:.2f}×", f"{c['load_avg_1min']:.1f}"] for c in costs]))
     return "\n".join(out) + "\n"
 
 
@@ -193,8 +238,9 @@ def main() -> None:
             c = step_cost(steps, act_weight)
             costs.append(c)
             print(f"cost ({threads} thread(s), act_weight={act_weight}): plain {1000 * c['plain_s']:.1f} ms, "
-                  f"grad-l1 {1000 * c['grad_l1_s']:.1f} ms, ratio {c['ratio']:.2f}x "
-                  f"(load average {c['load_avg_1min']:.1f})", flush=True)
+                  f"exact {1000 * c['grad_l1_s']:.1f} ms ({c['ratio']:.2f}x), finite difference "
+                  f"{1000 * c['fd_s']:.1f} ms ({c['fd_ratio']:.2f}x) (load average {c['load_avg_1min']:.1f})",
+                  flush=True)
     name = "grad_l1_quick" if args.quick else "grad_l1"
     payload = {"bits": [str(b) for b in BITS], "settings": [s.__dict__ for s in settings], "rows": rows,
                "cost": costs, "quick": args.quick, "train_threads": args.threads, "timing_threads": timing_threads}

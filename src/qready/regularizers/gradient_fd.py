@@ -51,7 +51,8 @@ def relative_step(dtype: torch.dtype, central: bool) -> float:
 
 def step_size(weights: Sequence[Tensor], relative: float) -> float:
     """``ε = relative·(1 + ‖W‖₂)/√N`` over the concatenated ``weights`` (``N`` elements)."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.detach().double()) for w in weights]))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.detach(), dtype=torch.float64)
+                                                 for w in weights]))
     n = sum(w.numel() for w in weights)
     return relative * (1.0 + float(norm)) / math.sqrt(n)
 
@@ -106,7 +107,7 @@ class ActivationProbe:
 
             def store(grad: Tensor) -> None:
                 directions[k] = torch.sign(grad)
-                l1[k] = grad.detach().abs().sum()
+                l1[k] = torch.linalg.vector_norm(grad.detach(), 1)
 
             view.register_hook(store)
             return view
@@ -209,7 +210,7 @@ def add_penalty_gradient(reg: GradL1, model: nn.Module, closure: Closure, params
     probe = reg.probe
     acts = probe.records() if probe is not None else []
     a_coefs = [reg.act_weight / (probe.directions[n][k].numel() if numel else 1) for n, k in acts]
-    penalty = sum((c * w.grad.abs().sum() for w, _, c in w_terms), torch.zeros((), device=device))
+    penalty = sum((c * torch.linalg.vector_norm(w.grad, 1) for w, _, c in w_terms), torch.zeros((), device=device))
     penalty = penalty + sum((c * probe.l1[n][k] for (n, k), c in zip(acts, a_coefs, strict=True)),
                             torch.zeros((), device=device))
     reg.last_penalty = float(penalty)
@@ -230,7 +231,7 @@ def add_penalty_gradient(reg: GradL1, model: nn.Module, closure: Closure, params
         for sign in signs:
             with torch.no_grad():
                 for (w, s, c), w0 in zip(w_terms, saved, strict=True):
-                    w.copy_(w0).add_(s, alpha=sign * eps * c / kappa)
+                    torch.add(w0, s, alpha=sign * eps * c / kappa, out=w)
             _set_rng_state(rng, device)
             with probe.perturbing(sign * eps) if probe is not None else contextlib.nullcontext():
                 closure()
@@ -253,7 +254,7 @@ def add_penalty_gradient(reg: GradL1, model: nn.Module, closure: Closure, params
             p.grad = g0
             continue
         diff = (plus if plus is not None else torch.zeros_like(other)).sub_(other) if other is not None else plus
-        p.grad = diff.mul_(factor) if g0 is None else diff.mul_(factor).add_(g0)
+        p.grad = diff.mul_(factor) if g0 is None else g0.add_(diff, alpha=factor)
 
 
 class GradL1Step:

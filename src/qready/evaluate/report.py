@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 # sweep-row metrics shown in reports: key -> (section title, number format)
 SWEEP_METRICS: dict[str, tuple[str, str]] = {
     "accuracy": ("Test accuracy (%) after PTQ", ".2f"),

@@ -20,6 +20,7 @@ embedding). Batches may take any form of :mod:`qready.batching`; targets, when p
 from __future__ import annotations
 
 import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -79,3 +79,24 @@ def test_cluster_compression_uses_the_library_default_weight(monkeypatch):
 @pytest.mark.parametrize("method", ["kmeans", "dkm", "cluster", "lsq"])
 def test_every_compress_method_has_a_handler(method):
     assert compress.COMPRESS_STAGES.get(compress.compress_kind(method))
+
+
+@pytest.mark.parametrize(("block", "match"), [
+    ({"kind": "sgd"}, r"sharpness.kind must be one of \['asam', 'sam', 'saq'\]"),
+    ({"kind": "sam", "act_clip": True}, "sharpness.act_clip is not an option of kind 'sam'"),
+    ({"kind": "saq", "radius": 0.3}, "unknown recipe key 'sharpness.radius'"),
+    ({"kind": "saq", "rho": "big"}, "recipe key 'sharpness.rho': expected"),
+])
+def test_sharpness_block_is_typed(block, match):
+    with pytest.raises(RecipeError, match=match):
+        recipe_from_dict({"sharpness": block})
+
+
+def test_sharpness_kinds_come_from_the_registry():
+    from qready.sharpness import SHARPNESS_KINDS, SAMStep, SharpnessConfig, build_step
+
+    assert SHARPNESS_KINDS.names() == ["asam", "sam", "saq"]
+    recipe = recipe_from_dict({"sharpness": {"kind": "asam", "rho": 0.4}})
+    assert isinstance(recipe.sharpness, SharpnessConfig)
+    step = build_step(recipe.sharpness)
+    assert isinstance(step, SAMStep) and step.adaptive and step.rho == 0.4

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .quant.spec import ACT_BITS, GRANULARITIES, RANGE_METHODS, WEIGHT_BITS
+from .sharpness.build import SharpnessConfig
 from .train.config import TrainConfig
 
 
@@ -132,16 +133,6 @@ class RegularizerConfig:
             raise RecipeError(f"regularizers[].weight must be >= 0; got {self.weight}")
 
 
-def _check_sharpness(config: dict[str, Any], key: str) -> None:
-    """Validate a ``sharpness`` block by building its step strategy (cheap, no model needed)."""
-    from .sharpness.build import build_step
-
-    try:
-        build_step(config)
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{key}: {err}") from None
-
-
 def compress_methods() -> tuple[list[str], list[str]]:
     """The names ``compress.method`` accepts: (QAT methods, palettization methods), from their registries."""
     from .quant.palettize import PALETTIZERS
@@ -184,7 +175,7 @@ class CompressConfig:
     quantizer_lr: float | None = None
     first_last: int | str = "same"
     options: dict[str, Any] = field(default_factory=dict)
-    sharpness: dict[str, Any] | None = None
+    sharpness: SharpnessConfig | None = None
 
     def __post_init__(self) -> None:
         from .quant.palettize import PALETTIZERS
@@ -200,7 +191,6 @@ class CompressConfig:
         if self.sharpness is not None:
             if self.method not in qat:
                 raise RecipeError(f"compress.sharpness needs a QAT method {qat}; got {self.method!r}")
-            _check_sharpness(self.sharpness, "compress.sharpness")
         if self.w_bits not in WEIGHT_BITS:
             raise RecipeError(f"compress.w_bits must be one of {list(WEIGHT_BITS)}; got {self.w_bits!r}")
         palettizer = PALETTIZERS.get(self.method) if self.method in palettizers else None
@@ -246,15 +236,11 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizers: tuple[RegularizerConfig, ...] = ()
-    sharpness: dict[str, Any] | None = None
+    sharpness: SharpnessConfig | None = None
     compress: CompressConfig | None = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     grid: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.sharpness is not None:
-            _check_sharpness(self.sharpness, "sharpness")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples as lists), ready for YAML/JSON."""

@@ -14,7 +14,7 @@
 
 from .ascent import RhoSchedule, ascent_direction
 from .bops import BopsReport, LayerBops, bops, bops_from_macs, layer_macs
-from .build import build_step
+from .build import SHARPNESS_KINDS, SharpnessConfig, build_step
 from .mixed import SEARCHES, MixedPrecisionResult, prepare_mixed, ptq_mixed, search_mixed_precision
 from .perturbation import Perturbation
 from .sam import ASAM, SAM, SAMStep
@@ -37,6 +37,8 @@ __all__ = [
     "ascent_direction",
     "bops",
     "bops_from_macs",
+    "SHARPNESS_KINDS",
+    "SharpnessConfig",
     "build_step",
     "layer_macs",
     "prepare_mixed",

@@ -77,7 +77,8 @@ class SweepConfig:
     """The PTQ sweep after training: bit settings (``8`` weight-only, ``"W4A8"`` weights and
     activations), range methods, granularity, the first/last-layer policy and the PTQ ``method``
     (``rtn`` or ``gptq``, with ``method_options`` such as ``{act_order: true}``; optional
-    ``bias_correction``)."""
+    ``bias_correction``). ``confidence``: the float model's top-1 probability from which an input
+    counts as confident in the agreement-on-confident-inputs column."""
 
     bits: tuple[int | str, ...] = (8, 6, 4, 3, 2)
     ranges: tuple[str, ...] = ("minmax", "mse")
@@ -89,6 +90,7 @@ class SweepConfig:
     method: str = "rtn"
     bias_correction: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
+    confidence: float = 0.5
 
     def __post_init__(self) -> None:
         from .evaluate.sweep import parse_bit_setting
@@ -117,6 +119,8 @@ class SweepConfig:
             raise RecipeError(f"sweep.first_last must be 'same', 'float' or a bit width 2-8; got {self.first_last!r}")
         if self.calib_batches < 1:
             raise RecipeError(f"sweep.calib_batches must be a positive int; got {self.calib_batches}")
+        if not 0.0 <= self.confidence <= 1.0:
+            raise RecipeError(f"sweep.confidence must be a probability in [0, 1]; got {self.confidence}")
 
 
 @dataclass(frozen=True)

@@ -241,3 +241,16 @@ def test_inspect_measures_each_layers_fidelity_without_labels():
     # labels change the loss and gradient, not the fidelity
     labelled = diagnose(model, [(x[:48], y[:48]), (x[48:], y[48:])], bits=(8, 3), spec=spec)
     assert labelled.labelled and labelled.layers[0]["fidelity"] == first["fidelity"]
+
+
+def test_confidence_threshold_is_configurable_in_sweeps_and_recipes():
+    from qready.evaluate import sweep
+    from qready.recipe import RecipeError, load_recipe
+
+    model = Scaled(_model(), 4.0)  # sharper logits: a spread of top-1 probabilities
+    x, _ = _data(128)
+    counts = [sweep(model, [x], bits=[4], include_fp=False, confidence=c)[0]["confident_n"] for c in (0.0, 0.5, 0.9)]
+    assert counts[0] == 128 and counts[0] > counts[1] > counts[2] > 0
+    assert load_recipe({"sweep": {"confidence": 0.8}}).sweep.confidence == 0.8
+    with pytest.raises(RecipeError, match=r"sweep.confidence must be a probability in \[0, 1\]"):
+        load_recipe({"sweep": {"confidence": 1.5}})

@@ -245,3 +245,45 @@ def test_factory_returning_a_non_module_is_refused():
 
     with pytest.raises(TypeError, match="not an nn.Module"):
         build_model(_recipe({"factory": "argparse:Namespace"}), load_dataset("digits"))
+
+
+# ------------------------------------------------------------------ frozen BatchNorm for fine-tuning
+def test_freeze_batchnorm_keeps_statistics_and_eval_outputs():
+    import copy
+
+    from qready.models import freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=5, width_mult=0.35, stem="cifar")
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    model(x)  # give the running statistics non-default values
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    handles = freeze_batchnorm(model)
+    assert len(handles) == 52 + 1  # every BatchNorm2d and the classifier's dropout
+    for m in (model, copy.deepcopy(model)):
+        m.train()
+        out = m(x)
+        torch.testing.assert_close(out, expected)  # no batch statistics, no dropout
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in stats.items())
+    model(x).square().mean().backward()
+    bn = model.features[0][1]
+    assert bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0  # affine parameters still train
+    for h in handles:
+        h.remove()
+    model.train()
+    assert not torch.allclose(model(x), expected)  # batch statistics again
+
+
+def test_freeze_batchnorm_can_leave_dropout_active():
+    from qready.models import freeze_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5))
+    assert len(freeze_batchnorm(model, dropout=False)) == 1
+    model.train()
+    torch.manual_seed(0)
+    out = model(torch.ones(4, 8) + torch.arange(8.0))
+    assert (out == 0).any()  # dropout still drops in training

@@ -140,3 +140,13 @@ def test_palettizing_twice_and_finalizing_nothing_are_errors() -> None:
         palettize(pal, 2, "dkm", inplace=True)
     with pytest.raises(ValueError, match="no DKM parametrization"):
         finalize_palettized(small_model())
+
+
+def test_finalize_palettized_of_a_deep_copy_leaves_the_original_working() -> None:
+    import copy
+
+    model = palettize(small_model(), 2, "dkm").eval()
+    x = torch.randn(2, 1, 8, 8)
+    before = model(x)
+    finalize_palettized(copy.deepcopy(model))
+    assert torch.equal(model(x), before)

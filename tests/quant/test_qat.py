@@ -315,3 +315,15 @@ def test_ewgs_inside_fit_with_delta_updater():
     assert any(d != 1e-3 for d in deltas) and all(d >= 0 for d in deltas)
     assert not torch.equal(q.features[0][1].running_mean, bn_before)  # fit trained; the probe restored its own
     assert all(m.captured is None and not m.capture for _, m in ewgs_quantizers(q))
+
+
+def test_finalize_of_a_deep_copy_leaves_the_original_working():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    qmodel = prepare_qat(net, method="lsq", w_bits=4)
+    x = torch.randn(3, 8)
+    before = qmodel(x)
+    baked = finalize(copy.deepcopy(qmodel))
+    assert torch.allclose(baked.eval()(x), qmodel.eval()(x), atol=1e-6)
+    assert torch.equal(qmodel.train()(x), before)
+    finalize(qmodel)  # the original can still be finalized itself

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..quant.parametrized import remove_weight_parametrization
+
 
 class Perturbation(nn.Module):
     """``q -> q + ε`` (see the module docstring for the idle / probing / perturbed states)."""
@@ -90,7 +92,7 @@ def detach_perturbation(module: nn.Module) -> bool:
     for i, p in enumerate(chain):
         if isinstance(p, Perturbation):
             if len(chain) == 1:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                remove_weight_parametrization(module, leave_parametrized=False)
             else:
                 del chain[i]
             return True

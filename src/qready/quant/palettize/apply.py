@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...checks import check_int
+from ..parametrized import remove_weight_parametrization
 from ..select import Selector
 from ..spec import check_bits
 from ..validate import check_finite
@@ -132,7 +133,7 @@ def finalize_palettized(model: nn.Module) -> nn.Module:
             raise ValueError(f"module {name!r} has other parametrizations chained with DKM; remove them first")
         with torch.no_grad():
             values = chain[0].snap(chain.original)
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_weight_parametrization(module, leave_parametrized=False)
             module.weight.copy_(values)
         done += 1
     if done == 0:

@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from ..activations import ATTR, attach_input_module
 from ..calibrate import run_batches
 from ..layers import out_axis, takes_index_inputs
+from ..parametrized import remove_weight_parametrization
 from ..select import SelectedModule, Selector, as_selector
 from ..spec import ACT_BITS, RANGE_METHODS, WEIGHT_BITS, check_bits
 from ..validate import check_finite
@@ -181,13 +182,16 @@ def prepare_qat(
     options = QATOptions(range=range, momentum=momentum, delta=delta)
     parametrized: list[nn.Module] = []
     hooked: list[tuple[nn.Module, torch.utils.hooks.RemovableHandle]] = []
+    shared: dict[int, nn.Module] = {}  # a tied weight (embedding and LM head) gets one quantizer
     try:
         for item in selector.select(target):
             module, weight = item.module, item.module.weight
             if w_bits is not None:
-                wq = qat_method.weight_quantizer(weight, item.bits_override or w_bits, granularity,
-                                                 out_axis(module) or 0, options)
-                parametrize.register_parametrization(module, "weight", wq.to(weight.device, weight.dtype))
+                if id(weight) not in shared:
+                    shared[id(weight)] = qat_method.weight_quantizer(
+                        weight, item.bits_override or w_bits, granularity, out_axis(module) or 0, options
+                    ).to(weight.device, weight.dtype)
+                parametrize.register_parametrization(module, "weight", shared[id(weight)])
                 parametrized.append(module)
             if a_bits is not None and not takes_index_inputs(module):
                 bits = max(item.bits_override, 2) if item.bits_override else a_bits
@@ -209,7 +213,7 @@ def _detach(parametrized: list[nn.Module], hooked: list[tuple[nn.Module, torch.u
         if len(chain) > 1:  # keep the user's own parametrizations; ours has no right_inverse
             del chain[-1]
         else:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            remove_weight_parametrization(module, leave_parametrized=False)
     for module, handle in hooked:
         handle.remove()
         delattr(module, ATTR)
@@ -270,7 +274,7 @@ def finalize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for _, m in modules:
             if _has_qat_weight(m):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+                remove_weight_parametrization(m, leave_parametrized=True)
             aq = getattr(m, ATTR, None)
             if isinstance(aq, ActivationQAT):
                 setattr(m, ATTR, aq.finalized())

@@ -156,16 +156,15 @@ def fidelity(
         confidence: reference top-1 probability from which an input counts as confident.
         output_fn: ``output_fn(model, inputs) -> tensor`` choosing the compared output; default the
             main output (logits).
-        device: where both models run (default: each model's own device; inputs follow ``model``).
+        device: where the inputs go (default: each model's own device, so the two models may sit on
+            different devices); the models are not moved.
     Returns:
         ``{agreement, agreement_confident, confident_n, kl, sqnr_db, cosine, n, accuracy, loss}``
         (see the module docstring for definitions and units).
     """
     meter = FidelityMeter(confidence)
-    if device is not None:
-        reference.to(device)
-        model.to(device)
-    ref_device, dev = model_device(reference), model_device(model)
+    ref_device = device if device is not None else model_device(reference)
+    dev = device if device is not None else model_device(model)
     modes = (reference.training, model.training)
     reference.eval()
     model.eval()

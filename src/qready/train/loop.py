@@ -374,7 +374,7 @@ def _validate(run: _Run, val_loader: Iterable) -> dict[str, Any]:
     teacher = getattr(run.objective, "teacher", None)
     if teacher is None:
         return evaluate(run.model, val_loader, device=run.device)
-    return fidelity(teacher, run.model, val_loader, device=run.device)
+    return fidelity(teacher, run.model, val_loader)  # inputs follow each model's device
 
 
 def _save(run: _Run, epoch: int, metrics: dict, rng_by_rank: list | None) -> None:

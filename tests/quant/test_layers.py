@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from qready.quant import QuantSpec, Selector, fake_quantize, finalize_palettized, palettize, prepare_qat, ptq
+from qready.quant import (
+    QuantSpec,
+    Selector,
+    fake_quantize,
+    finalize,
+    finalize_palettized,
+    palettize,
+    prepare_qat,
+    ptq,
+)
 from qready.quant.layers import (
     _BY_CLASS,
     _BY_NAME,
@@ -161,3 +170,43 @@ def test_palettize_groups_follow_transposed_axis(transposed_registered, method: 
     for start in range(0, 6, 2):  # each group of 2 output columns shares one 4-entry LUT
         assert w[:, start:start + 2].unique().numel() <= 4
     assert w.unique().numel() > 4  # ... and the groups differ
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head sharing one weight (like GPT-2's ``wte`` / ``lm_head``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.head = nn.Linear(6, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+@pytest.mark.parametrize("method", ["lsq", "ewgs"])
+def test_qat_tied_weight_shares_one_quantizer(method: str) -> None:
+    torch.manual_seed(0)
+    q = prepare_qat(TiedLM(), method=method, w_bits=3, w_granularity="channel")
+    assert q.embed.parametrizations["weight"][0] is q.head.parametrizations["weight"][0]
+    ids = torch.randint(0, 12, (4, 5))
+    opt = torch.optim.Adam(q.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        q(ids).square().mean().backward()
+        opt.step()
+    q.eval()
+    with torch.no_grad():
+        before = q(ids)
+        finalize(q)
+        assert torch.allclose(q(ids), before, atol=1e-6)
+    assert torch.equal(q.embed.weight, q.head.weight)
+
+
+def test_dkm_tied_weight_shares_one_set_of_centroids() -> None:
+    torch.manual_seed(0)
+    pal = palettize(TiedLM(), bits=2, method="dkm")
+    assert pal.embed.parametrizations["weight"][0] is pal.head.parametrizations["weight"][0]
+    finalize_palettized(pal.eval())
+    assert torch.equal(pal.embed.weight, pal.head.weight) and pal.head.weight.unique().numel() <= 4

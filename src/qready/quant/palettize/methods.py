@@ -106,12 +106,14 @@ class DKMPalettizer(Palettizer):
     supported_bits: ClassVar[tuple[int, ...]] = DKM_BITS
 
     def apply(self, model: nn.Module, layers: Sequence[PaletteLayer], group_size: int | None) -> None:
+        shared: dict[int, DKMWeight] = {}  # a tied weight (embedding and LM head) gets one set of centroids
         for layer in layers:
             weight = layer.module.weight
-            parametrize.register_parametrization(
-                layer.module, "weight",
-                DKMWeight(weight, layer.bits, group_size=group_size, tau=self.tau, iters=self.iters, impl=self.impl,
-                          chunk=self.chunk, kmeans_method=self.kmeans_method, axis=out_axis(layer.module) or 0))
+            if id(weight) not in shared:
+                shared[id(weight)] = DKMWeight(
+                    weight, layer.bits, group_size=group_size, tau=self.tau, iters=self.iters, impl=self.impl,
+                    chunk=self.chunk, kmeans_method=self.kmeans_method, axis=out_axis(layer.module) or 0)
+            parametrize.register_parametrization(layer.module, "weight", shared[id(weight)])
 
 
 class Representatives(Protocol):

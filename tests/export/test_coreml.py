@@ -27,7 +27,7 @@ def _palettize_layers(model: nn.Module, plan: dict[str, tuple[int, int | None]])
     """Palettize (k-means) each named layer at its own (bits, group_size)."""
     for name, (bits, group) in plan.items():
         model = palettize(model, bits=bits, method="kmeans", select={"include": (rf"^{name}$",)},
-                          granularity="layer" if group is None else "group", group_size=group)
+                          granularity="tensor" if group is None else "group", group_size=group)
     return model
 
 
@@ -143,3 +143,21 @@ def test_what_core_ml_cannot_hold_is_refused(cnn, tmp_path):
     with pytest.raises(ValueError, match=r"precision must be one of \['float32', 'float16'\]"):
         export_coreml(wide, torch.randn(1, 64), out, precision="int8")
     assert not out.exists()
+
+
+def test_cli_coreml(tmp_path):
+    import yaml
+
+    from qready.app.cli import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "tiny", "seed": 0, "model": {"name": "dwcnn", "args": {"width": 8}},
+                                      "data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64}}))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    for bits, kind in ((4, "linear"), (2, "lut")):
+        assert main(["export", str(run / "checkpoint"), "--format", "coreml", "--bits", str(bits)]) == 0
+        meta, stored = read_coreml(run / f"model_w{bits}.mlpackage")
+        assert stored and {w.kind for w in stored.values()} == {kind}
+        # a b-bit per-channel grid: at most 2^b values per output channel, whatever LUT grouping was cheapest
+        assert max(len(np.unique(channel)) for w in stored.values() for channel in w.values) <= 1 << bits

@@ -147,3 +147,23 @@ def test_row_packing_round_trip_and_layout(bits):
     assert np.array_equal(unpack_rows(packed, bits, 64), u)
     if bits == 4:  # ORT's layout: element 2j in the low nibble of byte j
         assert np.array_equal(packed[:, 0], u[:, 0] | (u[:, 1] << 4))
+
+
+def test_cli_weights_only(tmp_path, capsys):
+    import yaml
+
+    from qready.app.cli import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "tiny", "seed": 0, "model": {"name": "dwcnn", "args": {"width": 8}},
+                                      "data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 64}}))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    assert main(["export", str(run / "checkpoint"), "--format", "onnx", "--weights-only", "--bits", "4",
+                 "--out", str(tmp_path / "w4.onnx")]) == 0
+    labels = weight_encodings(tmp_path / "w4.onnx")
+    assert labels["classifier.weight"].startswith("matmul_nbits4") and "int8 (W4)" in labels.values()
+    assert main(["export", str(run / "checkpoint"), "--weights-only"]) == 2
+    assert "--weights-only applies to --format onnx" in capsys.readouterr().err
+    assert main(["export", str(run / "checkpoint"), "--format", "onnx", "--weights-only", "--a-bits", "8"]) == 2
+    assert "weights only" in capsys.readouterr().err

@@ -137,7 +137,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .stages import export_checkpoint
 
     sizes = export_checkpoint(Path(args.checkpoint), fmt=args.format, bits=args.bits, a_bits=args.a_bits,
-                              out=Path(args.out) if args.out else None, data_root=args.data_root)
+                              out=Path(args.out) if args.out else None, data_root=args.data_root,
+                              weights_only=args.weights_only)
     print(f"wrote {sizes['path']}: {sizes['bytes'] / 1024:.1f} KiB, {sizes['ratio']:.1f}x smaller than the "
           f"fp32 safetensors ({sizes['fp32_bytes'] / 1024:.1f} KiB)")
     return 0
@@ -216,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="export a checkpoint: bit-packed safetensors or ONNX with Q/DQ")
+    p = sub.add_parser("export", help="export a checkpoint: bit-packed safetensors, ONNX (Q/DQ or MatMulNBits) "
+                                      "or a Core ML .mlpackage")
     p.add_argument("checkpoint", help="a training checkpoint (quantized with PTQ at --bits) or a run's compressed/")
-    p.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    p.add_argument("--format", choices=["packed", "onnx", "coreml"], default="packed")
+    p.add_argument("--weights-only", action="store_true",
+                   help="ONNX: Linear weights as ONNX Runtime's MatMulNBits (2/4/8 bits), conv weights int8 Q/DQ")
     p.add_argument("--bits", type=int, default=None,
                    help="PTQ weight bits for a float checkpoint (default: 8 for onnx, 4 for packed)")
     p.add_argument("--a-bits", type=int, default=None,

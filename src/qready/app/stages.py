@@ -244,10 +244,13 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
 
 
 def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: str | None = None,
-                 target: Path | None = None, w_bits: int = 8) -> dict:
+                 target: Path | None = None, w_bits: int = 8, weights_only: bool = False,
+                 spec: QuantSpec | None = None) -> dict:
     """Export ``model`` (``fmt`` defaults to the recipe's) to ``target`` (default: ``run_dir/export/``);
     returns ``{format, path, file, bytes, fp32_bytes, ratio}`` where ``fp32_bytes`` is the size of the
-    float model as fp32 safetensors (measured in memory: nothing else is written)."""
+    float model as fp32 safetensors (measured in memory: nothing else is written). ``weights_only``:
+    ONNX with MatMulNBits; ``spec``: the weights' grid for ONNX weights-only and Core ML (Core ML
+    without it stores every weight as a LUT)."""
     from safetensors.torch import save
 
     fmt = fmt or prepared.recipe.export.format
@@ -261,11 +264,19 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: st
         save_packed(model, target, meta={"model": meta["name"], "model_kwargs": meta["kwargs"]})
     else:
         from ..batching import batch_inputs
-        from ..export.onnx import export_onnx
 
-        export_onnx(model, batch_inputs(next(iter(prepared.test_loader)))[:1], target, w_bits=w_bits)
-    sizes = {"format": fmt, "path": str(target), "file": target.name, "bytes": target.stat().st_size,
-             "fp32_bytes": fp32_bytes}
+        example = batch_inputs(next(iter(prepared.test_loader)))[:1]
+        if fmt == "coreml":
+            from ..export.coreml import export_coreml
+
+            export_coreml(model, example, target, spec=spec)
+        else:
+            from ..export.onnx import export_onnx
+
+            export_onnx(model, example, target, w_bits=w_bits, weights_only=weights_only, spec=spec)
+    files = [f for f in target.rglob("*") if f.is_file()] if target.is_dir() else [target]  # .mlpackage: a folder
+    size = sum(f.stat().st_size for f in files)
+    sizes = {"format": fmt, "path": str(target), "file": target.name, "bytes": size, "fp32_bytes": fp32_bytes}
     sizes["ratio"] = sizes["fp32_bytes"] / max(sizes["bytes"], 1)
     return sizes
 
@@ -317,12 +328,13 @@ def experiment_summary(run_dir: Path) -> dict:
 
 
 def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = None, a_bits: int | None = None,
-                      out: Path | None = None, data_root: str | None = None) -> dict:
+                      out: Path | None = None, data_root: str | None = None, weights_only: bool = False) -> dict:
     """``qready export``: a float checkpoint is PTQ-quantized first (weights at ``bits``, per-channel
     min-max, default 8 for ONNX and 4 packed; activations at ``a_bits`` calibrated on training batches);
     a run's ``compressed/`` checkpoint is exported as it was measured, with its own bit widths and
     activation quantizers (``bits``/``a_bits`` that disagree with them are an error). The output
-    directory is checked writable before any work."""
+    directory is checked writable before any work. ``fmt="coreml"`` and ``weights_only`` (ONNX
+    MatMulNBits) export weights only; Core ML stores 4/8-bit PTQ codes as such, other weights as LUTs."""
     from ..quant.ptq import ptq
     from ..quant.spec import ACT_BITS, WEIGHT_BITS, check_bits
     from ..train.checkpoint import read_checkpoint_meta
@@ -339,7 +351,11 @@ def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = Non
     check_bits(bits, "--bits", WEIGHT_BITS)
     if a_bits is not None:
         check_bits(a_bits, "--a-bits", ACT_BITS)
-    suffix = ".onnx" if fmt == "onnx" else ".qready"
+        if fmt == "coreml" or weights_only:
+            raise ValueError("--a-bits: Core ML and --weights-only exports hold quantized weights only")
+    if weights_only and fmt != "onnx":
+        raise ValueError(f"--weights-only applies to --format onnx; got --format {fmt}")
+    suffix = {"onnx": ".onnx", "coreml": ".mlpackage"}.get(fmt, ".qready")
     target = out or ckpt.parent / (f"{ckpt.name}{suffix}" if row is not None else f"model_w{bits}{suffix}")
     check_writable(target.parent)
     prepared = prepare_from_checkpoint(ckpt, data_root=data_root)
@@ -348,4 +364,8 @@ def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = Non
         act = None if a_bits is None else QuantSpec(bits=a_bits, symmetric=False, granularity="tensor")
         model = ptq(model, QuantSpec(bits=bits, granularity="channel"), calib=prepared.train_loader if act else None,
                     act_spec=act)
-    return export_model(model, prepared, ckpt.parent, fmt=fmt, target=target, w_bits=bits)
+    spec = QuantSpec(bits=bits, granularity="channel") if row is None else None
+    if fmt == "coreml" and bits not in (4, 8):
+        spec = None  # Core ML has no 2/3/5/6/7-bit linear codes: the grid is stored exactly as LUTs
+    return export_model(model, prepared, ckpt.parent, fmt=fmt, target=target, w_bits=bits,
+                        weights_only=weights_only, spec=spec)

@@ -4,6 +4,7 @@ calibration passes) and one package per back-end: ``ptq``, ``qat``, ``palettize`
 from .activations import ActivationQuantizer, attach_input_quantizer, input_quantizers
 from .calibrate import recalibrate_batchnorm, run_batches
 from .functional import compute_qparams, dequantize, fake_quantize, quantize
+from .layers import register_layer
 from .ptq import ptq
 from .select import SelectedModule, Selector, as_selector, is_depthwise
 from .spec import GRANULARITIES, RANGE_METHODS, QuantParams, QuantSpec, check_bits
@@ -29,6 +30,7 @@ __all__ = [
     "ptq",
     "quantize",
     "recalibrate_batchnorm",
+    "register_layer",
     "run_batches",
 ]
 

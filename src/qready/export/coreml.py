@@ -106,18 +106,18 @@ def _lut_widths(target: str) -> tuple[int, ...]:
 
 def _palette(name: str, w: torch.Tensor, target: str, axis: int) -> Palette:
     palette = find_palette(w, max_bits=8, axis=axis)
-    if palette is not None and palette.lut.numel() * 4 + w.numel() * palette.bits / 8 >= w.numel() * 4:
-        palette = None  # as many LUT entries as weights: a float weight, not a palettized one
+    if palette is not None and distinct_values(w, palette.group_size, axis)[1].numel() == w.numel():
+        palette = None  # no value shared within a LUT group: a float weight with few elements, not a palette
     if palette is None:
-        raise ValueError(f"the weight of {name!r} is not palettized (no LUT of at most 256 entries per channel "
-                         "group is smaller than the float weight): palettize the layer (qready.palettize), pass "
+        raise ValueError(f"the weight of {name!r} is not palettized (more than 256 distinct values per channel "
+                         "group, or no value shared within a group): palettize the layer (qready.palettize), pass "
                          "the spec it was quantized with (spec=), or leave it out of select=")
     if not is_ios18(target) and palette.group_size is not None:
         distinct = distinct_values(w, None)[1].numel()
         if distinct > 256:
             raise ValueError(f"the weight of {name!r} has one LUT per {palette.group_size} output channel(s); "
                              f"{target} holds one LUT per tensor: use minimum_deployment_target='iOS18' or "
-                             "palettize the layer with granularity='layer'")
+                             "palettize the layer with granularity='tensor'")
         palette = find_palette(w, bits=max(1, math.ceil(math.log2(distinct))), axis=axis)
     width = next(b for b in _lut_widths(target) if b >= palette.bits)
     if width != palette.bits:

@@ -29,7 +29,6 @@ from torch import nn
 from ..quant.select import Selector, as_selector
 from ..quant.spec import QuantSpec
 
-
 FP16_RTOL = 2.0**-11  # float16 rounding of a scale (unit roundoff)
 
 

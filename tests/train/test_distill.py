@@ -103,6 +103,10 @@ def test_teacher_is_a_frozen_float_copy():
     assert not torch.equal(model[1].running_mean, before)  # ... while the student's BN trains
     with pytest.raises(ValueError, match="teacher must be the float model"):
         frozen_teacher(prepare_qat(_mlp(), method="lsq", w_bits=4))
+    with pytest.raises(ValueError, match="teacher must be the float model"):
+        frozen_teacher(palettize(_mlp(), bits=2, method="dkm"))
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(6, 4))  # a float parametrization is welcome
+    assert nn.utils.parametrize.is_parametrized(frozen_teacher(normed))
 
 
 @pytest.mark.parametrize("name, options", [("linf", {}), ("margin", {}), ("soft_min_max", {}),

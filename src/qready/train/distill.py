@@ -47,18 +47,26 @@ def distill_loss(student: Tensor, teacher: Tensor, *, loss: str = "kl", temperat
     raise ValueError(f"distillation loss must be one of {list(DISTILL_LOSSES)}; got {loss!r}")
 
 
+def _holds_quantizer(module: nn.Module) -> bool:
+    """Whether ``module`` carries a qready quantizer: an activation quantizer, or a weight
+    parametrization defined by qready (QAT quantizer, DKM palettizer); other parametrizations, such as
+    ``weight_norm``, are part of the float model."""
+    from ..quant.activations import ATTR
+
+    if hasattr(module, ATTR):
+        return True
+    return parametrize.is_parametrized(module) and any(
+        type(p).__module__.startswith("qready.") for plist in module.parametrizations.values() for p in plist)
+
+
 def frozen_teacher(model: nn.Module) -> nn.Module:
     """A frozen float copy of ``model``: deep copy, eval mode, no gradients.
 
     Raises:
-        ValueError: ``model`` already holds quantizers (weight parametrizations or activation
-            quantizers): the teacher must be the float model, so build it before ``prepare_qat`` /
-            ``palettize``.
+        ValueError: ``model`` already holds qready quantizers: the teacher must be the float model, so
+            build it before ``prepare_qat`` / ``palettize``.
     """
-    from ..quant.activations import ATTR
-
-    quantized = [name or type(model).__name__ for name, m in model.named_modules()
-                 if parametrize.is_parametrized(m) or hasattr(m, ATTR)]
+    quantized = [name or type(model).__name__ for name, m in model.named_modules() if _holds_quantizer(m)]
     if quantized:
         raise ValueError(f"the distillation teacher must be the float model, but {quantized[0]} already holds a "
                          "quantizer; build Distill from the model before prepare_qat/palettize")

@@ -35,10 +35,11 @@ def test_kmeans_leaves_at_most_2_to_the_b_values(bits: int) -> None:
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("granularity", ["layer", "group"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 def test_dkm_then_finalize_leaves_at_most_2_to_the_b_values_per_lut(bits: int, granularity: str) -> None:
-    group_size = 4 if granularity == "group" else None
-    pal = palettize(small_model(), bits, "dkm", granularity=granularity, group_size=group_size)
+    group_size = {"tensor": None, "channel": 1, "group": 4}[granularity]
+    pal = palettize(small_model(), bits, "dkm", granularity=granularity,
+                    group_size=group_size if granularity == "group" else None)
     pal.train()
     loss = pal(torch.randn(8, 1, 8, 8)).square().mean()
     loss.backward()
@@ -105,7 +106,7 @@ def test_dkm_fine_tuning_through_fit_keeps_accuracy() -> None:
         ({"bits": 9, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ({"bits": 0, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ({"bits": 2, "method": "lloyd"}, "unknown palettization method 'lloyd'; valid names: cluster, dkm, kmeans"),
-        ({"bits": 2, "method": "kmeans", "granularity": "channel"}, "granularity must be one of"),
+        ({"bits": 2, "method": "kmeans", "granularity": "row"}, "granularity must be one of"),
         ({"bits": 2, "method": "kmeans", "granularity": "group"}, r"group_size \(with granularity='group'\) must be an integer"),
         ({"bits": 2, "method": "kmeans", "group_size": 4}, "only used with granularity='group'"),
         ({"bits": 2, "method": "cluster"}, "needs reg="),

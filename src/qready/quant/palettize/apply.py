@@ -35,7 +35,8 @@ from .methods import PALETTIZERS, PaletteLayer, Palettizer
 
 log = logging.getLogger("qready.palettize")
 
-PALETTE_GRANULARITIES: tuple[str, ...] = ("layer", "group")
+# the vocabulary of QuantSpec.granularity: one LUT per tensor, per output channel, or per group of channels
+PALETTE_GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 
 
 def _build_method(method: str | Palettizer, options: dict[str, Any]) -> Palettizer:
@@ -54,10 +55,10 @@ def _build_method(method: str | Palettizer, options: dict[str, Any]) -> Palettiz
 def _check_granularity(name: str, palettizer: Palettizer, granularity: str, group_size: object) -> None:
     if granularity not in PALETTE_GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(PALETTE_GRANULARITIES)}; got {granularity!r}")
+    if granularity in ("channel", "group") and not palettizer.grouped:
+        raise ValueError(f"method={name!r} has one set of representatives per layer: use granularity='tensor'")
     if granularity == "group":
         check_int("group_size (with granularity='group')", group_size, minimum=1)
-        if not palettizer.grouped:
-            raise ValueError(f"method={name!r} has one set of representatives per layer: use granularity='layer'")
     elif group_size is not None:
         raise ValueError("group_size is only used with granularity='group'")
 
@@ -68,7 +69,7 @@ def palettize(
     method: str | Palettizer = "dkm",
     select: Selector | dict | None = None,
     *,
-    granularity: Literal["layer", "group"] = "layer",
+    granularity: Literal["tensor", "channel", "group"] = "tensor",
     group_size: int | None = None,
     inplace: bool = False,
     **options: Any,
@@ -83,7 +84,8 @@ def palettize(
             or a :class:`Palettizer` object.
         select: which modules (a :class:`Selector` or its keyword arguments); an int ``first_last``
             palettizes the first/last layer at that many bits. Not used with ``"cluster"``.
-        granularity: one LUT per ``"layer"``, or per ``"group"`` of ``group_size`` output channels (along
+        granularity: one LUT per ``"tensor"`` (layer), per output ``"channel"``, or per ``"group"`` of
+            ``group_size`` output channels (along
             each layer's output-channel axis, see :mod:`qready.quant.layers`).
         inplace: modify ``model`` itself.
         options: the method's own options (its dataclass fields), e.g. ``tau``, ``iters``, ``impl``,
@@ -113,7 +115,7 @@ def palettize(
         layer_bits = bits if override is None else check_bits(
             override, f"first_last bits of {layer_name!r} ({name})", palettizer.supported_bits)
         layers.append(PaletteLayer(layer_name, module, layer_bits))
-    palettizer.apply(out, layers, group_size if granularity == "group" else None)
+    palettizer.apply(out, layers, {"tensor": None, "channel": 1, "group": group_size}[granularity])
     log.debug("palettized %d modules with %s at %d bits", len(layers), name, bits)
     return out
 

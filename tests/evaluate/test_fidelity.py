@@ -211,6 +211,11 @@ def test_sweep_rows_on_unlabeled_and_labelled_data(tmp_path):
     saved = json.loads((tmp_path / "sweep.json").read_text())  # strict JSON: the infinite SQNR is null
     assert saved[0]["sqnr_db"] is None and saved[1]["kl"] == pytest.approx(by_label["W8"]["kl"])
     assert (tmp_path / "accuracy_vs_bits.png").stat().st_size > 0  # plots the agreement without labels
+    from qready.app.comparison import write_comparison
+
+    md, page = write_comparison(tmp_path)  # the run comparison page shows the agreement too
+    assert "Top-1 agreement with the float model (%), mean ± std" in md.read_text()
+    assert "Top-1 agreement" in page.read_text() and "100.00" in md.read_text()
     with_labels = [t for t, _, _ in sweep_tables(sweep(model, [(x, y)], bits=[4]))]
     assert with_labels[0].startswith("Test accuracy") and len(with_labels) == 5  # accuracy alongside fidelity
 

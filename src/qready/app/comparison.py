@@ -3,7 +3,8 @@
 Reads ``experiments.json`` (written by ``qready run``; a directory holding only ``sweep.json`` is
 treated as one experiment), groups experiments that differ only in their seed, and reports per group
 the mean ± std over seeds of every sweep cell and of the compressed model, file sizes and compression
-ratios, accuracy-vs-bits curves and the weight histograms.
+ratios, accuracy-vs-bits curves and the weight histograms. Without labels the cells are the top-1
+agreement with the float model instead of the accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def headline_metric(experiments: list[dict]) -> tuple[str, str]:
+    """``(row key, name)`` of the number the comparison shows: test accuracy when the sweeps had
+    labels, else the top-1 agreement with the float model (label-free data)."""
+    rows = [row for exp in experiments for row in exp.get("sweep", [])]
+    if any(row.get("accuracy") is not None for row in rows) or not rows:
+        return "accuracy", "Test accuracy (%)"
+    return "agreement", "Top-1 agreement with the float model (%)"
 
 
 def load_experiments(root: Path) -> list[dict]:
@@ -56,7 +66,9 @@ def group_key(exp: dict) -> str:
 
 
 def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]], dict[str, dict]]:
-    """Header, lines (one per group) and per-group numeric series (for curves)."""
+    """Header, lines (one per group) and per-group numeric series (for curves), of the
+    :func:`headline_metric`."""
+    metric = headline_metric(experiments)[0]
     groups: dict[str, list[dict]] = {}
     for exp in experiments:
         groups.setdefault(group_key(exp), []).append(exp)
@@ -79,10 +91,10 @@ def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]
         for exp in exps:
             for row in exp.get("sweep", []):
                 col = "FP" if row["label"] == "FP" else f"{row['label']} {row['range']}"
-                cells.setdefault(col, []).append(row["accuracy"])
+                cells.setdefault(col, []).append(row[metric])
         line = [name, str(len(exps))] + [_mean_std(cells.get(c, [])) for c in columns]
         if has_compress:
-            accs = [e["compress"]["row"]["accuracy"] for e in exps if "compress" in e]
+            accs = [e["compress"]["row"][metric] for e in exps if "compress" in e]
             label = next((e["compress"]["row"]["label"] for e in exps if "compress" in e), "")
             line.append(f"{label}: {_mean_std(accs)}" if accs else "-")
         if has_export:
@@ -95,16 +107,18 @@ def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]
 
 
 def plot_group_curves(experiments: list[dict], path: Path) -> Path | None:
-    """Mean accuracy vs weight bits (weight-only settings), one line per group and range method."""
+    """Mean accuracy (or agreement, see :func:`headline_metric`) vs weight bits (weight-only settings),
+    one line per group and range method."""
     from ..plotting import pyplot
 
+    metric, name = headline_metric(experiments)
     curves: dict[str, dict[int, list[float]]] = {}
     for exp in experiments:
         for row in exp.get("sweep", []):
             if row["w_bits"] is None or row["a_bits"] is not None:
                 continue
             key = f"{group_key(exp)} ({row['range']})"
-            curves.setdefault(key, {}).setdefault(row["w_bits"], []).append(row["accuracy"])
+            curves.setdefault(key, {}).setdefault(row["w_bits"], []).append(row[metric])
     if not curves:
         return None
     plt = pyplot()
@@ -113,7 +127,7 @@ def plot_group_curves(experiments: list[dict], path: Path) -> Path | None:
         bits = sorted(points)
         ax.plot(bits, [statistics.mean(points[b]) for b in bits], marker="o", label=key)
     ax.set_xlabel("weight bits (PTQ)")
-    ax.set_ylabel("accuracy (%), mean over seeds")
+    ax.set_ylabel(f"{name[0].lower()}{name[1:]}, mean over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -132,6 +146,7 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
     root = Path(root)
     experiments = load_experiments(root)
     header, lines, _ = comparison_table(experiments)
+    title = f"{headline_metric(experiments)[1]}, mean ± std over seeds"
     curves = plot_group_curves(experiments, root / "curves.png")
     histograms = []
     seen: set[str] = set()
@@ -143,7 +158,7 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
             histograms.append((name, png))
 
     md = ["# qready report\n", f"Run directory `{root}`: {len(experiments)} experiment(s).\n",
-          "## Test accuracy (%), mean ± std over seeds\n", markdown_table(header, lines)]
+          f"## {title}\n", markdown_table(header, lines)]
     if curves:
         md.append("\n## Accuracy vs bits\n\n![accuracy vs bits](curves.png)\n")
     for name, png in histograms:
@@ -160,7 +175,7 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
         "img{max-width:100%}</style></head><body>",
         f"<h1>qready report</h1><p>Run directory <code>{html.escape(str(root))}</code>: "
         f"{len(experiments)} experiment(s).</p>",
-        "<h2>Test accuracy (%), mean ± std over seeds</h2>",
+        f"<h2>{html.escape(title)}</h2>",
         f"<table id='results'><thead><tr>{head_html}</tr></thead><tbody>{rows_html}</tbody></table>",
     ]
     if curves:

@@ -15,9 +15,7 @@ def inspect_command(ckpt: str, *, batches: int = 4, bits: Sequence[int | str] = 
     ``qready train`` (first and last included, flagged) on the first ``batches`` batches of its recipe's
     training loader, with its recipe's PTQ spec (``sweep`` granularity, symmetry, first range method).
     Prints a table and the recommendations, or the :class:`Diagnosis` as JSON with ``as_json``. Returns 0."""
-    from rich.console import Console
-    from rich.measure import Measurement
-
+    from ..evaluate.report import print_untruncated
     from .stages import prepare_from_checkpoint
 
     prepared = prepare_from_checkpoint(Path(ckpt), data_root=data_root)
@@ -29,11 +27,7 @@ def inspect_command(ckpt: str, *, batches: int = 4, bits: Sequence[int | str] = 
         print(diagnosis.to_json())
         return 0
     table = diagnosis.table(title=f"Quantization readiness of {ckpt} ({spec.granularity}, {spec.range})")
-    console = Console()
-    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    if needed > console.width:  # a narrow terminal or a pipe: let lines run long rather than truncate cells
-        console = Console(width=needed)
-    console.print(table)
+    console = print_untruncated(table)
     for line in diagnosis.recommend:
         console.print(f"- {line}", highlight=False)
     return 0

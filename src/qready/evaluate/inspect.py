@@ -58,11 +58,13 @@ class Diagnosis:
     ``measured`` ({bits: loss increase when only this layer is quantized} or ``None``), ``fidelity``
     ({bits: {kl, agreement, agreement_confident, sqnr_db}} of that model against the float one, or
     ``None``), ``rank``
-    (1 = largest S at the lowest bit width), ``position`` (``"first"``, ``"last"`` or ``None``) and
+    (1 = the most sensitive layer at the lowest bit width: by the measured loss increase when it was
+    measured, else by the estimate S), ``position`` (``"first"``, ``"last"`` or ``None``) and
     ``keep_higher`` (recommended to stay at a higher precision).
     ``recommend``: human-readable recommendations. ``spearman``: {bits: rank correlation between
     estimated and measured increase across layers} (empty without measurements). ``labelled``: whether
     the batches had targets (otherwise the float model's top-1 classes served as targets).
+    ``ranked_by``: ``"measured"`` or ``"estimate"``.
     """
 
     layers: list[dict]
@@ -73,6 +75,7 @@ class Diagnosis:
     num_samples: int
     spearman: dict[int, float | None] = field(default_factory=dict)
     labelled: bool = True
+    ranked_by: str = "estimate"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN becomes ``None``; bit-width keys stay ints until serialized)."""
@@ -83,8 +86,9 @@ class Diagnosis:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def table(self, title: str | None = None):
-        """A rich ``Table``: one row per layer in model order, ``S`` per bit width, the measured
-        increase at the lowest bit width, and the rank and flags."""
+        """A rich ``Table``: one row per layer in model order, the rank (by the measured increase when
+        measured), the measured increase ``ΔL`` at the lowest bit width beside the estimates ``S`` per
+        bit width, and flags."""
         from rich.table import Table
 
         low = min(self.bits)
@@ -94,19 +98,21 @@ class Diagnosis:
         table.add_column("layer", no_wrap=True, min_width=width)
         for name in ("type", "numel", "range", "max|w|/σ", "outl. %", "kurt."):
             table.add_column(name, justify="left" if name == "type" else "right")
-        for b in self.bits:
-            table.add_column(f"S W{b}", justify="right")
         measured = any(layer["measured"] is not None for layer in self.layers)
         if measured:
             table.add_column(f"ΔL W{low}", justify="right")
+        for b in self.bits:
+            table.add_column(f"S W{b}", justify="right")
+        if measured:
             table.add_column(f"KL W{low}", justify="right")
         table.add_column("note")
         for layer in self.layers:
             row = [str(layer["rank"]), layer["name"], layer["type"], str(layer["numel"]), _g(layer["range"]),
                    _g(layer["max_abs_over_std"]), f"{100 * layer['outlier_share']:.2f}", _g(layer["kurtosis"])]
-            row += [_g(layer["sensitivity"][b]) for b in self.bits]
             if measured:
                 row.append(_g(layer["measured"][low]))
+            row += [_g(layer["sensitivity"][b]) for b in self.bits]
+            if measured:
                 row.append(_g(layer["fidelity"][low]["kl"]))
             notes = [p for p in (layer["position"], "keep higher" if layer["keep_higher"] else None) if p]
             row.append(", ".join(notes))
@@ -245,20 +251,27 @@ def _largest_kl(layers: list[dict], bits: Sequence[int]) -> list[str]:
     return lines
 
 
+def _score(layer: dict, low: int) -> float:
+    """What ranks a layer at ``low`` bits: its measured loss increase when measured, else the estimate S."""
+    return layer["measured"][low] if layer["measured"] is not None else layer["sensitivity"][low]
+
+
 def _recommend(layers: list[dict], low: int) -> list[str]:
     """Flag layers to keep at higher precision (sets ``keep_higher``) and say why, in words."""
-    scores = np.array([layer["sensitivity"][low] for layer in layers])
+    scores = np.array([_score(layer, low) for layer in layers])
     median = float(np.median(scores))
     top = max(1, math.ceil(KEEP_TOP_FRACTION * len(layers)))
     lines = []
     for layer in sorted(layers, key=lambda item: item["rank"]):
-        s = layer["sensitivity"][low]
+        s = _score(layer, low)
         layer["keep_higher"] = layer["rank"] <= top or s > KEEP_MEDIAN_FACTOR * median
         if layer["keep_higher"]:
             ratio = f"{s / median:.1f}x the median" if median > 0 else "median is 0"
             where = f", {layer['position']} layer" if layer["position"] else ""
+            what = (f"measured ΔL={s:.3g} ({ratio}), estimate S={layer['sensitivity'][low]:.3g}"
+                    if layer["measured"] is not None else f"S={s:.3g} ({ratio})")
             lines.append(f"keep {layer['name']} at higher precision: rank {layer['rank']}/{len(layers)} at W{low}, "
-                         f"S={s:.3g} ({ratio}){where}")
+                         f"{what}{where}")
     for layer in layers:
         if layer["position"] and not layer["keep_higher"]:
             lines.append(f"{layer['position']} layer {layer['name']} (often kept at 8 bits) ranks "
@@ -353,7 +366,7 @@ def diagnose(
         model.train(was_training)
 
     low = min(bit_list)
-    order = sorted(range(len(layers)), key=lambda i: -layers[i]["sensitivity"][low])
+    order = sorted(range(len(layers)), key=lambda i: -_score(layers[i], low))
     for rank, i in enumerate(order, start=1):
         layers[i]["rank"] = rank
     recommend = _recommend(layers, low)
@@ -368,4 +381,5 @@ def diagnose(
     if not labelled:
         recommend.append("no labels: the float model's own top-1 classes were the targets of the loss")
     return Diagnosis(layers=layers, recommend=recommend, bits=bit_list, spec=asdict(spec), loss=base,
-                     num_samples=sum(int(y.shape[0]) for _, y in cached), spearman=rho, labelled=labelled)
+                     num_samples=sum(int(y.shape[0]) for _, y in cached), spearman=rho, labelled=labelled,
+                     ranked_by="measured" if measure else "estimate")

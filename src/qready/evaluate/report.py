@@ -60,8 +60,7 @@ def markdown_table(header: Sequence[str], lines: Sequence[Sequence[object]]) -> 
 
 
 def print_table(header: Sequence[str], lines: Sequence[Sequence[object]], title: str | None = None) -> None:
-    """Print a table to the terminal with rich."""
-    from rich.console import Console
+    """Print a table with rich, cells never truncated (see :func:`print_untruncated`)."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -69,4 +68,18 @@ def print_table(header: Sequence[str], lines: Sequence[Sequence[object]], title:
         table.add_column(str(name), justify="left" if i == 0 else "right")
     for line in lines:
         table.add_row(*[_fmt(c) for c in line])
-    Console().print(table)
+    print_untruncated(table)
+
+
+def print_untruncated(renderable: object, console: object | None = None) -> object:
+    """Print a rich renderable without truncating cells (``98…``): on a narrow terminal or a pipe the
+    console is widened to what it needs. Returns the console used."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = console or Console()
+    needed = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+    if needed > console.width:
+        console = Console(width=needed)
+    console.print(renderable)
+    return console

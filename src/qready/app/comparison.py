@@ -1,7 +1,9 @@
 """The comparison report of a run directory: ``report.md`` and a self-contained ``report.html``.
 
-Reads ``experiments.json`` (written by ``qready run``; a directory holding only ``sweep.json`` is
-treated as one experiment), groups experiments that differ only in their seed, and reports per group
+Reads the experiments of the run's ``recipe.yaml`` from their directories as they are now, so a grid
+still running (or stopped) is reported with what has finished and the rest marked missing; without a
+recipe, ``experiments.json`` (written by ``qready run``), and a directory holding only ``sweep.json`` is
+treated as one experiment. It groups experiments that differ only in their seed, and reports per group
 the mean ± std over seeds of every sweep cell and of the compressed model, file sizes and compression
 ratios, accuracy-vs-bits curves and the weight histograms. Without labels the cells are the top-1
 agreement with the float model instead of the accuracy.
@@ -35,14 +37,28 @@ def headline_metric(experiments: list[dict]) -> tuple[str, str]:
     return "agreement", "Top-1 agreement with the float model (%)"
 
 
+def finished(exp: dict) -> bool:
+    """Whether an experiment summary holds results (a sweep or a compressed row)."""
+    return "sweep" in exp or "compress" in exp
+
+
 def load_experiments(root: Path) -> list[dict]:
-    """Experiment summaries of ``root`` (see module docstring)."""
+    """Experiment summaries of ``root`` (see module docstring); unfinished experiments are included
+    with their id and overrides only."""
+    from .stages import experiment_summary
+
+    if (root / "recipe.yaml").is_file():
+        from .pipeline import expand_grid, read_recipe_file
+
+        experiments = [{"id": exp.id, "overrides": exp.overrides,
+                        **experiment_summary(root if exp.id == "main" else root / exp.id)}
+                       for exp in expand_grid(read_recipe_file(root / "recipe.yaml"))]
+        if any(finished(exp) for exp in experiments):
+            return experiments
     path = root / "experiments.json"
     if path.is_file():
         return json.loads(path.read_text())
     if (root / "sweep.json").is_file():
-        from .stages import experiment_summary
-
         return [{"id": "main", "overrides": {}, **experiment_summary(root)}]
     raise FileNotFoundError(f"{root} holds neither experiments.json nor sweep.json: is it a qready run directory?")
 
@@ -88,11 +104,13 @@ def comparison_table(experiments: list[dict]) -> tuple[list[str], list[list[str]
     lines, series = [], {}
     for name, exps in groups.items():
         cells: dict[str, list[float]] = {}
-        for exp in exps:
+        done = [exp for exp in exps if finished(exp)]
+        for exp in done:
             for row in exp.get("sweep", []):
                 col = "FP" if row["label"] == "FP" else f"{row['label']} {row['range']}"
                 cells.setdefault(col, []).append(row[metric])
-        line = [name, str(len(exps))] + [_mean_std(cells.get(c, [])) for c in columns]
+        seeds = str(len(exps)) if len(done) == len(exps) else f"{len(done)} of {len(exps)} (missing: not finished)"
+        line = [name, seeds] + [_mean_std(cells.get(c, [])) for c in columns]
         if has_compress:
             accs = [e["compress"]["row"][metric] for e in exps if "compress" in e]
             label = next((e["compress"]["row"]["label"] for e in exps if "compress" in e), "")
@@ -157,7 +175,10 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
             seen.add(name)
             histograms.append((name, png))
 
-    md = ["# qready report\n", f"Run directory `{root}`: {len(experiments)} experiment(s).\n",
+    missing = [exp["id"] for exp in experiments if not finished(exp)]
+    status = (f" {len(missing)} of them not finished yet (marked; their cells are `-`): {', '.join(missing)}."
+              if missing else "")
+    md = ["# qready report\n", f"Run directory `{root}`: {len(experiments)} experiment(s).{status}\n",
           f"## {title}\n", markdown_table(header, lines)]
     if curves:
         md.append("\n## Accuracy vs bits\n\n![accuracy vs bits](curves.png)\n")
@@ -174,7 +195,7 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}",
         "img{max-width:100%}</style></head><body>",
         f"<h1>qready report</h1><p>Run directory <code>{html.escape(str(root))}</code>: "
-        f"{len(experiments)} experiment(s).</p>",
+        f"{len(experiments)} experiment(s).{html.escape(status)}</p>",
         f"<h2>{html.escape(title)}</h2>",
         f"<table id='results'><thead><tr>{head_html}</tr></thead><tbody>{rows_html}</tbody></table>",
     ]

@@ -209,6 +209,8 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
             callback = (lambda stage, skipped, _id=exp.id: on_stage(_id, stage, skipped)) if on_stage else None
             summary = run_experiment(exp.recipe, exp_dir, force=force, progress=progress, on_stage=callback)
             summaries.append({"id": exp.id, "overrides": exp.overrides, **summary})
+            if len(experiments) > 1:
+                write_comparison(root)  # an interim report: finished experiments, the rest marked missing
         (root / "experiments.json").write_text(json.dumps(summaries, indent=2, default=str))
         write_comparison(root)
     return root

@@ -183,3 +183,28 @@ def test_fit_and_saq_train_on_dict_batches() -> None:
     assert evaluate(q, batches)["accuracy"] > 50
     with pytest.raises(TypeError, match="cross-entropy objective needs labelled batches"):
         fit(KeywordModel(), [x for x, _ in batches], TrainConfig(epochs=1), progress=False)
+
+
+class NormedKeywordModel(KeywordModel):
+    """:class:`KeywordModel` with a BatchNorm on the pooled features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Output:
+        pooled = self.embed(input_ids).mean(dim=1)
+        return Output(logits=self.head(self.norm(pooled)), hidden=pooled)
+
+
+def test_batchnorm_reestimation_on_dict_batches() -> None:
+    from qready.quant import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model, batches = NormedKeywordModel(), _make_batches(3)
+    recalibrate_batchnorm(model, batches, max_batches=3)
+    model.eval()
+    with torch.no_grad():
+        pooled = torch.cat([model(**x).hidden for x, _ in batches])
+    assert torch.allclose(model.norm.running_mean, pooled.mean(dim=0), atol=1e-5)
+    assert model.norm.num_batches_tracked == 3

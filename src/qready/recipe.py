@@ -38,12 +38,15 @@ class ModelConfig:
     """Which model: a registered ``name`` — or ``factory: "package.module:function"``, any importable
     callable returning an ``nn.Module`` — with constructor ``args`` (``num_classes``/``in_channels``
     default to the dataset's when the constructor takes them), and optionally pretrained ``weights``
-    (a state-dict file loaded strictly, e.g. torchvision's ``mobilenet_v2-b0353104.pth``)."""
+    (a state-dict file loaded strictly, e.g. torchvision's ``mobilenet_v2-b0353104.pth``).
+    ``freeze_batchnorm``: BatchNorm statistics and dropout stay in eval mode during training (for
+    fine-tuning a pretrained model on a few samples; see :func:`qready.models.freeze_batchnorm`)."""
 
     name: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     factory: str | None = None
+    freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.factory is None:

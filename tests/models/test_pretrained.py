@@ -287,3 +287,48 @@ def test_freeze_batchnorm_can_leave_dropout_active():
     torch.manual_seed(0)
     out = model(torch.ones(4, 8) + torch.arange(8.0))
     assert (out == 0).any()  # dropout still drops in training
+
+
+def test_recipe_freeze_batchnorm():
+    from qready.app.stages import build_model, load_dataset
+
+    splits = load_dataset("digits")
+    model = build_model(_recipe({"name": "dwcnn", "freeze_batchnorm": True}), splits).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    model(torch.randn(8, 1, 8, 8))
+    assert norms and all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    plain = build_model(_recipe({"name": "dwcnn"}), splits)  # off by default
+    assert not any(m._forward_pre_hooks for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_recipe_label_free_fine_tune_end_to_end(tmp_path):
+    """Pretrained weights + unlabeled image folder + distillation + R², then the PTQ sweep reports
+    fidelity to the float model (no labels anywhere)."""
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    from qready.app.stages import sweep_recipe, train_recipe
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(6):
+        image.fromarray(rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    torch.manual_seed(3)
+    source = create_model("dwcnn", num_classes=5, in_channels=3)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    from qready.recipe import load_recipe
+
+    recipe = load_recipe({
+        "model": {"name": "dwcnn", "args": {"num_classes": 5, "in_channels": 3}, "weights": str(tmp_path / "w.pt"),
+                  "freeze_batchnorm": True},
+        "data": {"name": "images", "root": str(tmp_path / "photos"), "options": {"image_size": 8, "crops_per_file": 2}},
+        "train": {"objective": "distill", "epochs": 1, "batch_size": 4, "optimizer": "sgd", "lr": 0.01},
+        "regularizers": [{"name": "margin", "weight": 0.01}],
+        "sweep": {"bits": [8, 2], "ranges": ["minmax"]},
+    })
+    prepared = train_recipe(recipe, tmp_path / "run", progress=False)
+    moved = [k for k, v in source.state_dict().items() if not torch.equal(prepared.model.state_dict()[k], v)]
+    assert moved and not any("running" in k for k in moved)  # trained from the weights, statistics frozen
+    rows = {row["label"]: row for row in sweep_recipe(prepared)}
+    assert rows["W8"]["accuracy"] is None and rows["W8"]["agreement"] >= rows["W2"]["agreement"]
+    assert rows["W8"]["kl"] < rows["W2"]["kl"]

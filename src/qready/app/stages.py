@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..data import DatasetSplits, load_dataset, make_loaders
 from ..evaluate.report import markdown_table, print_table, sweep_tables
 from ..evaluate.sweep import sweep
-from ..models import MODELS, import_factory, load_weights
+from ..models import MODELS, freeze_batchnorm, import_factory, load_weights
 from ..quant.select import Selector
 from ..quant.spec import QuantSpec
 from ..recipe import Recipe, load_recipe, save_recipe
@@ -71,11 +71,16 @@ def model_kwargs(recipe: Recipe, splits: DatasetSplits) -> dict:
 
 
 def build_model(recipe: Recipe, splits: DatasetSplits, *, pretrained: bool = True) -> nn.Module:
-    """The recipe's model, with its pretrained ``model.weights`` loaded when ``pretrained``."""
+    """The recipe's model, with its pretrained ``model.weights`` loaded when ``pretrained`` and its
+    BatchNorm frozen with ``model.freeze_batchnorm``."""
     model = model_factory(recipe)(**model_kwargs(recipe, splits))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model.factory {recipe.model.factory!r} returned {type(model).__name__}, not an nn.Module")
-    return load_weights(model, recipe.model.weights) if pretrained and recipe.model.weights else model
+    if pretrained and recipe.model.weights:
+        load_weights(model, recipe.model.weights)
+    if recipe.model.freeze_batchnorm:
+        freeze_batchnorm(model)
+    return model
 
 
 def prepare(recipe: Recipe, *, pretrained: bool = True) -> Prepared:

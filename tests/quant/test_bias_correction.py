@@ -7,7 +7,7 @@ from torch import nn
 
 from qready.quant import QuantSpec, ptq
 from qready.quant.ptq.bias_correction import output_shift
-from qready.quant.ptq.capture import capture_stats
+from qready.quant.ptq.passes import capture_stats
 
 
 def _calib(shape, n=3, seed=0):

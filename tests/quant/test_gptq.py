@@ -1,5 +1,6 @@
 """GPTQ: the recursion against references, every layer type, bit widths, export, batch forms."""
 
+import copy
 import math
 
 import pytest
@@ -10,9 +11,10 @@ from torch import nn
 from qready.data import load_dataset
 from qready.models import create_model
 from qready.quant import QuantSpec, compute_qparams, dequantize, fake_quantize, ptq
-from qready.quant.ptq import UniformGrid, gptq_matrix, layer_error
+from qready.quant.ptq import UniformGrid, correct_bias, gptq_matrix, layer_error
 from qready.quant.ptq.params import recorded_codes
-from qready.quant.ptq.capture import StatsCollector, capture_stats, im2col, input_columns, weight_matrix
+from qready.quant.ptq.capture import StatsCollector, im2col, input_columns, weight_matrix
+from qready.quant.ptq.passes import capture_stats
 
 SPECS = [
     QuantSpec(bits=4),
@@ -252,3 +254,24 @@ def test_embedding_falls_back_to_round_to_nearest_and_sequential_differs():
     assert torch.equal(q[0].weight, fake_quantize(model[0].weight, QuantSpec(bits=3)))
     once = ptq(model, 3, calib=calib, method="gptq", sequential=False)
     assert not torch.equal(once[2].weight, q[2].weight)  # sequential: it sees the quantized embedding
+
+
+def test_cached_sequential_schedule_equals_one_full_pass_per_layer():
+    """The schedule that advances cached activations through nn.Sequential children gives the result of
+    the plain definition: each layer's statistics from full passes through the partly quantized model."""
+    from qready.quant.ptq import GPTQ
+
+    torch.manual_seed(0)
+    model = create_model("dwcnn", num_classes=10, in_channels=1, width=8).eval()
+    calib = list(_inputs(load_dataset("digits", seed=0), 64).split(32))
+    fast = ptq(model, 3, calib=calib, method="gptq", bias_correction=True)
+    slow = copy.deepcopy(model)
+    layers = [(n, m) for n, m in slow.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, module in layers:
+        stats = capture_stats(slow, [(name, module)], calib, with_hessian=True)[name]
+        original = module.weight.detach().clone()
+        GPTQ().quantize_layer(name, module, QuantSpec(bits=3), stats)
+        correct_bias(module, original, stats)
+    for (name, module), (_, other) in zip(layers, [(n, fast.get_submodule(n)) for n, _ in layers], strict=True):
+        torch.testing.assert_close(other.weight, module.weight, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(other.bias, module.bias, rtol=0, atol=1e-6, msg=name)

@@ -6,7 +6,7 @@ from torch import nn
 
 from qready.quant import QuantSpec, fake_quantize, ptq
 from qready.quant.ptq import GPTQ, PTQ_METHODS, RTN
-from qready.quant.ptq.capture import execution_blocks
+from qready.quant.ptq.passes import execution_blocks
 from qready.registry import UnknownNameError
 
 

@@ -20,8 +20,9 @@ from ..select import SelectedModule, Selector, as_selector
 from ..spec import WEIGHT_BITS, QuantSpec, check_bits
 from ..validate import check_finite
 from .bias_correction import correct_bias
-from .capture import capture_stats, execution_blocks, supports
+from .capture import LayerStats, supports
 from .methods import PTQMethod, build_method
+from .passes import SequentialPasses, capture_stats, execution_blocks
 
 log = logging.getLogger("qready.ptq")
 
@@ -56,10 +57,9 @@ def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: Quant
     """Quantize the chosen layers of ``model`` in place with ``method``.
 
     Methods that use calibration (and bias correction) read each layer's input statistics from
-    ``batches``. ``sequential``: the layers are processed in forward order, in blocks of layers reading
-    the same input tensor; each block's statistics come from one pass over the batches through the model
-    whose earlier layers are already quantized (the pass stops after the block), so only one block's
-    statistics are held at a time. Otherwise one pass over the float model captures every layer's.
+    ``batches``. ``sequential``: the layers are processed in forward order, each one's statistics
+    coming from the model whose earlier layers are already quantized (schedule and memory bound in
+    :mod:`qready.quant.ptq.passes`). Otherwise one pass over the float model captures every layer's.
     """
     specs = {item.name: spec if item.bits_override is None else replace(spec, bits=item.bits_override)
              for item in chosen}
@@ -67,34 +67,37 @@ def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: Quant
     needs_stats = method.uses_calibration or bias_correction
     stat_layers = [(item.name, item.module) for item in chosen if supports(item.module)] if needs_stats else []
 
-    def finish(name: str, stats) -> None:
+    done: set[str] = set()
+
+    def finish(name: str, stats: LayerStats | None) -> None:
         module = modules[name]
         original = module.weight.detach().clone() if bias_correction and stats is not None else None
         method.quantize_layer(name, module, specs[name], stats)
         if original is not None:
             correct_bias(module, original, stats)
+        done.add(name)
 
     stat_names = [name for name, _ in stat_layers]
     was_training = model.training
     model.eval()
     try:
-        blocks, calls = execution_blocks(model, stat_layers, batches[0]) if stat_layers else ([], {})
-        # one pass over the float model, or one pass per block over the partly quantized model
-        stats = capture_stats(model, stat_layers, batches, with_hessian=method.uses_calibration) \
-            if stat_layers and not sequential else {}
+        if stat_layers:
+            containers = [(n, m) for n, m in model.named_modules() if n and isinstance(m, nn.Sequential)]
+            blocks, calls = execution_blocks(model, stat_layers, batches[0], watch=containers if sequential else [])
+            # non-sequential: one pass over the float model, before anything is quantized
+            stats = {} if sequential else capture_stats(model, stat_layers, batches, with_hessian=method.uses_calibration)
         # layers without statistics first, so that the layers after them see their quantized outputs
         for item in chosen:
             if item.name not in stat_names:
                 finish(item.name, None)
-        for block in blocks:
-            if sequential:
-                stats = capture_stats(model, [(name, modules[name]) for name in block], batches,
-                                      with_hessian=method.uses_calibration, calls=calls)
-            for name in block:
-                finish(name, stats.get(name))
+        if stat_layers and sequential:
+            SequentialPasses(stat_layers, method.uses_calibration, finish).run(model, batches, blocks, calls)
+        elif stat_layers:
+            for block in blocks:
+                for name in block:
+                    finish(name, stats.get(name))
     finally:
         model.train(was_training)
-    done = {name for block in blocks for name in block}
     missed = [name for name in stat_names if name not in done]
     if missed:
         log.warning("layers never called on the calibration batches, rounded without statistics: %s", missed)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...batching import Inputs, forward, model_device, move_inputs
 from ..layers import out_axis, takes_index_inputs
 
 CHUNK_ELEMENTS = 1 << 23
@@ -169,79 +168,3 @@ class StatsCollector:
             self.stats.x_sum += cols.sum(dim=1, dtype=torch.float64)
             self.stats.count += cols.shape[1]
 
-
-class _Stop(Exception):
-    """Raised by a capture hook once every watched layer has seen its inputs: the rest of the forward
-    pass is not needed."""
-
-
-def _first_tensor(args: tuple) -> torch.Tensor | None:
-    return args[0] if args and isinstance(args[0], torch.Tensor) else None
-
-
-@torch.no_grad()
-def execution_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], batch_inputs_: Inputs
-                     ) -> tuple[list[list[str]], dict[str, int]]:
-    """Layers in the order the forward pass first calls them, grouped into blocks of consecutive layers
-    that read the very same input tensor (e.g. the query/key/value projections of an attention layer:
-    none feeds another, so one pass captures them all); also how many times each layer is called per
-    forward. Layers the forward pass never calls are left out."""
-    calls: dict[str, int] = {}
-    blocks: list[list[str]] = []
-    last: dict[str, torch.Tensor | None] = {"input": None}
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple) -> None:
-            x = _first_tensor(args)
-            if name not in calls:
-                if blocks and x is not None and x is last["input"]:
-                    blocks[-1].append(name)
-                else:
-                    blocks.append([name])
-            calls[name] = calls.get(name, 0) + 1
-            last["input"] = x
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers]
-    try:
-        forward(model, batch_inputs_)
-    finally:
-        for h in handles:
-            h.remove()
-    return blocks, calls
-
-
-@torch.no_grad()
-def capture_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list, *, with_hessian: bool,
-                  calls: dict[str, int] | None = None) -> dict[str, LayerStats]:
-    """Run ``batches`` (inputs already checked) through ``model`` and return each layer's input statistics.
-
-    With ``calls`` (calls per forward of each layer, from :func:`execution_blocks`) the forward pass of
-    each batch stops as soon as every layer of ``layers`` has been called that many times.
-    """
-    collectors = {name: StatsCollector(module, with_hessian) for name, module in layers}
-    seen = dict.fromkeys(collectors, 0)
-
-    def hook(name: str):
-        def add(_module: nn.Module, args: tuple) -> None:
-            x = _first_tensor(args)
-            if x is not None:
-                collectors[name].add(x)
-            seen[name] += 1
-            if calls is not None and all(seen[n] >= calls.get(n, 1) for n in seen):
-                raise _Stop
-        return add
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers]
-    device = model_device(model)
-    try:
-        for inputs in batches:
-            seen.update(dict.fromkeys(seen, 0))
-            try:
-                forward(model, move_inputs(inputs, device))
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: c.stats for name, c in collectors.items() if c.stats is not None}

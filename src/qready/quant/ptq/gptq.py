@@ -167,7 +167,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         damped = h + (factor * diag.mean(dim=1))[:, None, None] * eye
         lower, info = torch.linalg.cholesky_ex(damped)
         if not bool(info.any()):
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            eye_g = eye.expand_as(damped)  # cholesky_solve: much faster than cholesky_inverse on CPU
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye_g, lower), upper=True)
             if not bool(info.any()):
                 return upper
         factor = factor * 10 if factor > 0 else 1e-6
@@ -193,6 +194,7 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, *, blo
         hessian = hessian.gather(1, perm[:, :, None].expand(-1, -1, cols)).gather(2, perm[:, None, :].expand(-1, cols, -1))
         w = w.gather(2, perm[:, None, :].expand(-1, rows, -1))
     u = inverse_hessian_factor(hessian, damp).to(w.dtype)
+    u_diag = u.diagonal(dim1=1, dim2=2)
     w = w.clone()
     q = torch.empty_like(w)
     step = grid.group_size
@@ -202,6 +204,7 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, *, blo
         end = min(start + block, cols)
         w1 = w[..., start:end]
         u1 = u[:, start:end, start:end]
+        d1 = u_diag[:, start:end, None]
         err = torch.empty(groups, rows, end - start, dtype=w.dtype, device=w.device)
         for i in range(end - start):
             j = start + i
@@ -210,7 +213,7 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, grid: ColumnGrid, *, blo
             column = w1[..., i]
             qc = grid.quantize(column, perm[:, j] if perm is not None else natural + j)
             q[..., j] = qc
-            e = (column - qc) / u1[:, i, i][:, None]
+            e = (column - qc) / d1[:, i]
             err[..., i] = e
             w1[..., i + 1:] -= e[..., None] * u1[:, None, i, i + 1:]
         if end < cols:

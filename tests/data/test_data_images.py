@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qready.data import load_dataset, make_loaders
+from qready.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from qready.data.images import center_box, crop, image_tensor, random_box
 from qready.data.registry import split_seeded
-from qready.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 Image = pytest.importorskip("PIL.Image", reason="the images dataset decodes files with Pillow")
 
@@ -56,8 +56,8 @@ def test_items_are_normalized_crops(photo_dir):
     assert len(splits.train) == 3 * len(splits.train.files) and len(splits.test) == 2 * len(splits.test.files)
     x = splits.train[0]
     assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
-    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    lo = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
+    hi = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
     assert lo - 1e-5 <= x.min() and x.max() <= hi + 1e-5
 
 

@@ -144,6 +144,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    from .catalogue import catalogue
+
+    sections = catalogue()
+    if args.what is not None and args.what not in sections:
+        raise ValueError(f"unknown section {args.what!r}; valid: {', '.join(sections)}")
+    for section, names in sections.items():
+        if args.what in (None, section):
+            print(f"{section}: {', '.join(names)}" if args.what is None else "\n".join(names))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -186,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the model of a YAML recipe")
-    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("recipe", help="path to a YAML recipe, or the name of an installed one (qready list recipes)")
     p.add_argument("--out", default=None, help="run directory (default: <output_dir>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--force", action="store_true",
@@ -197,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="train -> compress -> sweep -> export -> report from one recipe (cached stages)")
-    p.add_argument("recipe", help="path to a YAML recipe (may hold a grid of experiments)")
+    p.add_argument("recipe", help="path to a YAML recipe (may hold a grid of experiments), or the name of an "
+                   "installed one (qready list recipes)")
     p.add_argument("--out", default=None, help="run directory (default: <output_dir>/<name>)")
     p.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -240,7 +253,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("list", help="what qready offers: models, datasets, regularizers, methods, recipes")
+    p.add_argument("what", nargs="?", default=None, help="one section only, e.g. recipes or models")
+    p.set_defaults(func=cmd_list)
+
+    parser.epilog = EXAMPLES["qready"]
+    for name, command in sub.choices.items():
+        command.epilog = EXAMPLES.get(name)
+    for command in (parser, *sub.choices.values()):
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+EXAMPLES = {
+    "qready": "examples:\n  qready demo\n  qready list recipes\n  qready run demo --out runs/try\n"
+              "  qready inspect runs/try/checkpoint --bits 4,2",
+    "demo": "examples:\n  qready demo\n  qready demo --epochs 3 --out runs/quick",
+    "train": "examples:\n  qready train demo --out runs/try               (an installed recipe, by name)\n"
+             "  qready train my.yaml --set train.lr=0.01 --set train.epochs=5\n"
+             "  qready train my.yaml --out runs/try --resume     (continue a killed run)",
+    "run": "examples:\n  qready run demo --out runs/try\n  qready run my_grid.yaml --set seed=1\n"
+           "  qready run my.yaml --force                      (redo every stage)",
+    "report": "examples:\n  qready report runs/try       (a grid still running: the finished experiments, the rest marked)",
+    "inspect": "examples:\n  qready inspect runs/try/checkpoint\n  qready inspect runs/try/checkpoint --bits 4,2 --json",
+    "export": "examples:\n  qready export runs/try/checkpoint --bits 4 --out model.qready\n"
+              "  qready export runs/try/checkpoint --format onnx --bits 8 --a-bits 8 --out model.onnx\n"
+              "  qready export runs/try/compressed --format onnx  (the run's own bit widths)",
+    "sweep": "examples:\n  qready sweep runs/try/checkpoint --bits 8,4,3,W4A8 --range minmax,mse\n"
+             "  qready sweep runs/try/checkpoint --json rows.json",
+    "list": "examples:\n  qready list\n  qready list recipes",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose and not sys.stdout.isatty():  # logs and CI: no progress bar, so progress lines
+        for name in ("qready.train", "qready.run"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except Exception as err:  # every failure: one line on stderr, exit 2 (-v: the traceback)

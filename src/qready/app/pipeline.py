@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from ..recipe import Recipe, RecipeError, apply_overrides, recipe_from_dict
+from ..train.stats import format_duration
 from .comparison import slug
 from .rundir import run_lock
 
@@ -203,7 +205,8 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
     with run_lock(root):  # one `qready run` per directory; finished stages are kept (cached)
         (root / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         summaries = []
-        for exp in experiments:
+        start = time.perf_counter()
+        for i, exp in enumerate(experiments):
             exp_dir = root if exp.id == "main" else root / exp.id
             log.info("experiment %s", exp.id)
             callback = (lambda stage, skipped, _id=exp.id: on_stage(_id, stage, skipped)) if on_stage else None
@@ -211,6 +214,9 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
             summaries.append({"id": exp.id, "overrides": exp.overrides, **summary})
             if len(experiments) > 1:
                 write_comparison(root)  # an interim report: finished experiments, the rest marked missing
+                spent = time.perf_counter() - start
+                log.info("grid: %d/%d experiments done in %s, ETA %s", i + 1, len(experiments), format_duration(spent),
+                         format_duration(spent / (i + 1) * (len(experiments) - i - 1)))
         (root / "experiments.json").write_text(json.dumps(summaries, indent=2, default=str))
         write_comparison(root)
     return root

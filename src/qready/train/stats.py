@@ -124,7 +124,17 @@ class EpochStats:
         return out
 
 
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1m15s"``, ``4000`` -> ``"1h06m"``, ``9`` -> ``"9s"``."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def format_epoch(m: Mapping[str, Any], epochs: int) -> str:
+    """One line per epoch: losses, accuracies, learning rate, its duration and the ETA of the run
+    (this epoch's duration times the epochs left)."""
     def num(key: str, fmt: str) -> str:
         v = m.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
@@ -134,6 +144,9 @@ def format_epoch(m: Mapping[str, Any], epochs: int) -> str:
     if m.get("val_acc") is not None:
         parts += [f"val_loss={num('val_loss', '.4f')}", f"val_acc={num('val_acc', '.2f')}%"]
     parts += [f"lr={num('lr', '.3g')}", f"({num('time_s', '.1f')}s)"]
+    left = epochs - m["epoch"] - 1
+    if left > 0 and isinstance(m.get("time_s"), (int, float)):
+        parts.append(f"ETA {format_duration(left * m['time_s'])}")
     if m.get("skipped_steps"):
         parts.append(f"skipped={m['skipped_steps']}")
     return " ".join(parts)

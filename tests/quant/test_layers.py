@@ -27,7 +27,6 @@ from qready.quant.layers import (
     out_axis,
     register_layer,
     takes_index_inputs,
-    weight_axis,
 )
 
 
@@ -92,11 +91,6 @@ def test_register_by_name_is_lazy_and_negative_axis_normalised() -> None:
 def test_register_rejects_bad_input(args: tuple, err: type, match: str) -> None:
     with pytest.raises(err, match=match):
         register_layer(*args)
-
-
-def test_weight_axis_names_unregistered_layer() -> None:
-    with pytest.raises(TypeError, match="'blk.0' of type Transposed is not a registered.*register_layer"):
-        weight_axis(Transposed(2, 2), "blk.0")
 
 
 def test_layer_spec_sets_axis_only_per_channel() -> None:

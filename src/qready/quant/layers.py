@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -93,8 +94,7 @@ def out_axis(module: nn.Module) -> int | None:
         return None
     axis = _BY_CLASS[key] if isinstance(key, type) else _BY_NAME[key]
     weight = getattr(module, "weight", None)
-    dims = getattr(weight, "dim", None)
-    return axis % dims() if callable(dims) and dims() > 0 else axis
+    return axis % weight.dim() if isinstance(weight, torch.Tensor) and weight.dim() > 0 else axis
 
 
 def is_weight_layer(module: nn.Module) -> bool:
@@ -110,16 +110,6 @@ def takes_index_inputs(module: nn.Module) -> bool:
 def registered_types() -> list[str]:
     """Names of the registered types (for messages)."""
     return [c.__name__ for c in _BY_CLASS] + [n.rsplit(".", 1)[1] for n in _BY_NAME]
-
-
-def weight_axis(module: nn.Module, name: str = "") -> int:
-    """Output-channel axis of ``module``'s weight; ``TypeError`` naming the layer when its type is not registered."""
-    axis = out_axis(module)
-    if axis is None:
-        label = f"module {name!r} " if name else ""
-        raise TypeError(f"{label}of type {type(module).__name__} is not a registered weight-bearing layer "
-                        f"(known: {registered_types()}); declare it with qready.quant.register_layer(cls, out_axis)")
-    return axis
 
 
 def layer_spec(module: nn.Module, spec: QuantSpec) -> QuantSpec:

@@ -38,6 +38,7 @@ def test_train_then_sweep(tmp_path, recipe_file, capsys):
 
 
 def test_demo_writes_a_run_directory(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the demo plots accuracy vs bits with matplotlib (the plots extra)")
     run = tmp_path / "demo"
     assert main(["demo", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
     for name in ("report.md", "sweep.json", "accuracy_vs_bits.png", "metrics.jsonl", "recipe.yaml"):
@@ -86,9 +87,8 @@ def test_export_packed_and_onnx(tmp_path, recipe_file, capsys):
     main(["train", str(recipe_file), "--out", str(run), "--no-progress", "--set", "train.epochs=1"])
     assert main(["export", str(run / "checkpoint"), "--bits", "2"]) == 0
     assert (run / "model_w2.qready").is_file()
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra (onnx)")
     assert main(["export", str(run / "checkpoint"), "--format", "onnx", "--bits", "8", "--a-bits", "8"]) == 0
-    import onnx
-
     graph = onnx.load(str(run / "model_w8.onnx")).graph
     ops = {n.op_type for n in graph.node}
     assert {"DequantizeLinear", "QuantizeLinear"} <= ops

@@ -17,5 +17,15 @@ def test_recipe_validates(path):
     assert experiments and len({e.id for e in experiments}) == len(experiments)
 
 
-def test_there_are_recipes():
-    assert len(RECIPES) >= 8
+def test_every_recipe_is_documented_and_every_documented_recipe_exists():
+    import fnmatch
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme[readme.index("Ready recipes live in"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    patterns = re.findall(r"`([a-z0-9_*]+\.yaml)`", paragraph)
+    names = sorted({p.name for p in RECIPES + EMBEDDED})
+    assert patterns and all(fnmatch.filter(names, pattern) for pattern in patterns), patterns
+    undocumented = [n for n in names if not any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+    assert not undocumented, f"recipes missing from the README: {undocumented}"

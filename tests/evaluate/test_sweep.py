@@ -33,13 +33,22 @@ def test_8bit_ptq_within_half_a_point_of_float(trained_digits):
     assert {"label", "w_bits", "a_bits", "range", "granularity", "accuracy", "loss"} <= set(rows[0])
 
 
-def test_mse_beats_minmax_at_low_bits(trained_digits):
-    model, train_loader, test_loader = trained_digits
-    acc = {}
-    for rng in ("minmax", "mse"):
-        rows = sweep(model, test_loader, bits=[3], spec=QuantSpec(bits=8, range=rng), include_fp=False)
-        acc[rng] = rows[0]["loss"]
-    assert acc["mse"] < acc["minmax"] * 1.05  # MSE ranges do not make the 3-bit model worse (loss)
+def test_mse_ranges_reconstruct_weights_better_than_minmax_at_low_bits(trained_digits):
+    """Per layer, MSE ranges never reconstruct the weights worse (the search includes the min-max clip),
+    and clearly better overall (ratio ≈ 0.66 on seeds 0-2). Their *test loss* is not always lower: on
+    seed 2 min-max gives the lower 3-bit loss, so that is not asserted."""
+    from qready.quant import Selector, fake_quantize
+
+    model, _, test_loader = trained_digits
+    rows = sweep(model, test_loader, bits=[3], spec=QuantSpec(bits=8, range="mse"), include_fp=False)
+    assert rows[0]["range"] == "mse" and rows[0]["loss"] > 0
+    errors = {rng: [] for rng in ("minmax", "mse")}
+    for item in Selector().select(model):
+        w = item.module.weight.detach()
+        for rng in errors:
+            errors[rng].append(float((fake_quantize(w, QuantSpec(bits=3, range=rng)) - w).square().sum()))
+    assert all(e <= m * (1 + 1e-6) for e, m in zip(errors["mse"], errors["minmax"], strict=True))
+    assert sum(errors["mse"]) < 0.8 * sum(errors["minmax"])
 
 
 def test_sweep_leaves_model_untouched(trained_digits):

@@ -1,8 +1,9 @@
 """Runs that go wrong: SIGKILL mid-epoch, malicious or broken checkpoint files, losses that turn NaN.
 
 The kill test drives the real command line in subprocesses (``python -m qready train``) on one CPU
-thread, kills one run with SIGKILL in the epoch after its first checkpoint, resumes it with
-``--resume`` and compares the final ``model.safetensors`` bit for bit with an uninterrupted run.
+thread. The run to kill announces (a marker file) that it has reached the sixth step of its second
+epoch and waits there; it is killed with SIGKILL at that event, resumed with ``--resume`` and its final
+``model.safetensors`` compared bit for bit with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -48,6 +49,27 @@ def _train_cmd(recipe: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "qready", "train", str(recipe), "--out", str(out), "--no-progress", *extra]
 
 
+# The run to kill: the command line, with the default step made to stop at step 6 of epoch 2 (0-based
+# epoch 1) after writing the marker file -- it is killed there.
+VICTIM = """\
+import pathlib, sys, time
+from qready.train import step as step_module
+recipe, out, marker = sys.argv[1:4]
+original = step_module.StandardStep.step
+seen = []
+def step(self, ctx):
+    if ctx.epoch == 1:
+        seen.append(ctx.step)
+        if len(seen) == 6:
+            pathlib.Path(marker).touch()
+            time.sleep(3600)
+    return original(self, ctx)
+step_module.StandardStep.step = step
+from qready.app.cli import main
+sys.exit(main(["train", recipe, "--out", out, "--no-progress"]))
+"""
+
+
 def _wait(proc: subprocess.Popen) -> None:
     out, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"qready train failed ({proc.returncode}):\n{out}\n{err}"
@@ -69,20 +91,22 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
     reference = subprocess.Popen(_train_cmd(recipe, full), env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_train_cmd(recipe, killed), env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    marker = tmp_path / "victim_paused"
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(recipe), str(killed), str(marker)], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not _metrics(killed) and victim.poll() is None and time.monotonic() < deadline:
+        while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert victim.poll() is None and _metrics(killed), "the run to kill failed or never finished an epoch"
-        time.sleep(_metrics(killed)[0]["time_s"] / 3)  # a third into the second epoch
-        assert victim.poll() is None, "the run finished before it could be killed"
+        assert marker.exists() and victim.poll() is None, \
+            f"the run to kill never reached epoch 2: {victim.stderr.read() if victim.poll() is not None else ''}"
+        assert _epochs_logged(killed) == [0]  # paused inside the second epoch
         os.kill(victim.pid, signal.SIGKILL)
         assert victim.wait(timeout=30) == -signal.SIGKILL
     finally:
         if victim.poll() is None:
             victim.kill()
+        victim.stderr.close()
     assert load_checkpoint(killed / "checkpoint").epoch < 3  # it really was interrupted
     _wait(reference)
     resumed = subprocess.Popen(_train_cmd(recipe, killed, "--resume"), env=ENV, stdout=subprocess.PIPE,

@@ -275,3 +275,31 @@ def test_cached_sequential_schedule_equals_one_full_pass_per_layer():
     for (name, module), (_, other) in zip(layers, [(n, fast.get_submodule(n)) for n, _ in layers], strict=True):
         torch.testing.assert_close(other.weight, module.weight, rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(other.bias, module.bias, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("group", 4)])
+def test_palettization_variant_keeps_the_kmeans_luts_and_lowers_the_error(granularity, group_size):
+    from qready.quant import palettize
+    from qready.quant.palettize.codebook import channel_groups, kmeans_lut
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    calib = [torch.randn(64, 24) @ torch.randn(24, 24) for _ in range(2)]
+    kwargs = {"granularity": granularity, "group_size": group_size}
+    plain = palettize(model, bits=2, method="kmeans", **kwargs)
+    fed = palettize(model, bits=2, method="gptq", calib=calib, sequential=False, **kwargs)
+    with pytest.raises(ValueError, match="calib"):
+        palettize(model, bits=2, method="gptq", **kwargs)
+    stats = capture_stats(model, [("0", model[0]), ("2", model[2])], calib, with_hessian=True)
+    for name in ("0", "2"):
+        w = model.get_submodule(name).weight
+        groups = channel_groups(tuple(w.shape), group_size)
+        groups = torch.zeros(w.numel(), dtype=torch.long) if groups is None else groups
+        lut = kmeans_lut(w, 2, group_size)  # [G, 4]: the LUTs "kmeans" snaps to
+        values = fed.get_submodule(name).weight.reshape(-1)
+        assert bool((values[:, None] == lut[groups]).any(dim=1).all())  # each value is in its group's LUT
+        h = stats[name].hessian()
+        err = {label: layer_error(weight_matrix(m.get_submodule(name), m.get_submodule(name).weight.detach() - w.detach()), h)
+               for label, m in (("kmeans", plain), ("gptq", fed))}
+        assert err["gptq"] <= err["kmeans"]
+    assert any(not torch.equal(fed[i].weight, plain[i].weight) for i in (0, 2))

@@ -82,3 +82,23 @@ def test_layers_reading_the_same_tensor_share_a_block():
     assert calls == {"q": 1, "k": 1, "v": 1, "o": 1}
     q = ptq(model, 3, calib=[torch.randn(4, 5, 8)], method="gptq")
     assert q.o.weight.unique().numel() > 1
+
+
+def test_sweep_recipe_and_cli_take_the_method():
+    from qready.app.cli import build_parser
+    from qready.evaluate import sweep
+    from qready.recipe import RecipeError, SweepConfig
+
+    model, calib = _model(), _calib()
+    data = [(x, torch.randint(0, 4, (32,))) for x in calib]
+    rtn = sweep(model, data, bits=[2], calib=calib, include_fp=False)
+    gptq = sweep(model, data, bits=[2], calib=calib, include_fp=False, method="gptq", bias_correction=True,
+                 method_options={"act_order": True})
+    assert rtn[0]["method"] == "rtn" and gptq[0]["method"] == "gptq"
+    assert gptq[0]["kl"] != rtn[0]["kl"]
+    assert SweepConfig(method="gptq", method_options={"damp": 0.05}).method == "gptq"
+    with pytest.raises(RecipeError, match=r"sweep.method must be one of \['gptq', 'rtn'\]"):
+        SweepConfig(method="adaround")
+    with pytest.raises(RecipeError, match="sweep.method_options"):
+        SweepConfig(method="gptq", method_options={"blocks": 3})
+    assert build_parser().parse_args(["sweep", "ckpt", "--method", "gptq"]).method == "gptq"

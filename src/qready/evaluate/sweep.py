@@ -61,6 +61,9 @@ def sweep(
     bn_recalibrate: bool = False,
     calib_batches: int = 8,
     confidence: float = DEFAULT_CONFIDENCE,
+    method: str = "rtn",
+    bias_correction: bool = False,
+    method_options: dict | None = None,
     device=None,
 ) -> list[dict]:
     """Evaluate ``model`` after PTQ at each bit setting.
@@ -78,8 +81,12 @@ def sweep(
         bn_recalibrate: re-estimate BatchNorm statistics of each quantized model on ``calib``.
         calib_batches: at most this many batches of ``calib`` are used per setting.
         confidence: the float model's top-1 probability from which an input counts as confident.
+        method: PTQ method (``"rtn"``, ``"gptq"``; see :data:`qready.quant.ptq.PTQ_METHODS`); ``"gptq"``
+            needs ``calib``.
+        bias_correction: correct each quantized layer's mean output shift on ``calib``.
+        method_options: options of ``method`` (e.g. ``{"act_order": True}`` for GPTQ).
     Returns:
-        one dict per setting: ``label, w_bits, a_bits, range, granularity``, ``accuracy`` (%) and ``loss``
+        one dict per setting: ``label, w_bits, a_bits, range, granularity, method``, ``accuracy`` (%) and ``loss``
         (``None`` for unlabeled ``data``) and the fidelity to the float model, measured in the same pass:
         ``agreement`` and ``agreement_confident`` (top-1, %), ``confident_n``, ``kl`` (KL(float ‖
         quantized), nats), ``sqnr_db`` (output SQNR, ``inf`` for the float row) and ``cosine`` (see
@@ -100,6 +107,7 @@ def sweep(
             "a_bits": a_bits,
             "range": spec.range,
             "granularity": spec.granularity,
+            "method": method,
             "accuracy": metrics["accuracy"],
             "loss": metrics["loss"],
             **{key: metrics[key] for key in FIDELITY_KEYS},
@@ -114,7 +122,8 @@ def sweep(
         a_spec = None if a_bits is None else replace(act_template, bits=a_bits)
         qmodel = ptq(
             model, replace(spec, bits=w_bits), calib=calib, act_spec=a_spec, select=select,
-            bn_recalibrate=bn_recalibrate, calib_batches=calib_batches,
+            bn_recalibrate=bn_recalibrate, calib_batches=calib_batches, method=method,
+            bias_correction=bias_correction, **(method_options or {}),
         )
         record(w_bits, a_bits, qmodel)
     return rows

@@ -4,7 +4,7 @@
 
 * palettized (at most ``2^b`` distinct values per LUT group): ``<key>::indices`` (bit-packed ``b``-bit
   indices, uint8) and ``<key>::lut`` (float32 ``[G, 2^b]``);
-* uniformly quantized (PTQ/QAT; detected, or re-derived from a given :class:`~qready.quant.QuantSpec`
+* uniformly quantized (PTQ/QAT; the parameters PTQ recorded on the layer, detected, or re-derived from a given :class:`~qready.quant.QuantSpec`
   with :func:`qready.quant.quantize`): ``<key>::codes`` (bit-packed ``code - qmin``),
   ``<key>::scale`` (float32 ``[G]``) and ``<key>::zero_point`` (int32 ``[G]``);
 
@@ -46,6 +46,7 @@ from ..quant.functional import dequantize, quantize
 from ..quant.grid import from_rows, to_rows
 from ..quant.layers import layer_spec, out_axis
 from ..quant.palettize.codebook import Palette, channel_groups, distinct_values, find_palette, lookup
+from ..quant.ptq.params import recorded_codes
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantParams, QuantSpec, check_bits
 from ..quant.validate import first_nonfinite
@@ -184,7 +185,7 @@ def _encode(name: str, module: nn.Module, key: str, weight: torch.Tensor, spec_o
     axis = out_axis(module) or 0
     if isinstance(spec_or_bits, QuantSpec):
         spec = layer_spec(module, spec_or_bits if override is None else spec_or_bits.with_bits(override))
-        found = exact_uniform(weight, spec)
+        found = recorded_codes(module, weight, spec) or exact_uniform(weight, spec)
         if found is None:
             raise ValueError(f"the weight of {name!r} is not on the grid of {spec}; quantize the model with "
                              "that spec first (qready.ptq) or pass spec_or_bits=None to detect encodings")
@@ -195,7 +196,7 @@ def _encode(name: str, module: nn.Module, key: str, weight: torch.Tensor, spec_o
         return None
     best = _lut_entry(key, palette, weight.dtype)
     if spec_or_bits is None:
-        uniform = _auto_uniform(weight, axis)
+        uniform = recorded_codes(module, weight) or _auto_uniform(weight, axis)
         if uniform is not None:
             candidate = _uniform_entry(key, *uniform, weight.dtype)
             if _entry_bytes(candidate[0]) < _entry_bytes(best[0]):

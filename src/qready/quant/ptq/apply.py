@@ -128,7 +128,8 @@ def ptq(
             for unregistered types).
         calib: iterable of batches (any form of :mod:`qready.batching`) used by calibrated methods
             (GPTQ), bias correction, activation ranges and, with ``bn_recalibrate``, BatchNorm statistics.
-        act_spec: if given, each selected module's input is fake-quantized (per tensor) with ranges
+        act_spec: if given, each selected module's input is fake-quantized (per tensor, whatever the
+            spec's granularity) with ranges
             calibrated on ``calib``. Use ``symmetric=False`` for post-ReLU activations.
         select: which modules (a :class:`Selector` or its keyword arguments); first/last layers can be
             kept in float or at a higher bit width.
@@ -147,6 +148,8 @@ def ptq(
     spec = as_spec(spec)
     if act_spec is not None and not isinstance(act_spec, QuantSpec):
         raise TypeError(f"act_spec must be a QuantSpec or None, got {type(act_spec).__name__}")
+    if act_spec is not None and act_spec.granularity != "tensor":  # activations: one scale per tensor
+        act_spec = replace(act_spec, granularity="tensor", group_size=None)
     quantizer = build_method(method, method_options)
     needs_stats = quantizer.uses_calibration or bias_correction
     if (act_spec is not None or bn_recalibrate or needs_stats) and calib is None:

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from qready.quant.palettize.dkm import DKMWeight, dkm_naive, dkm_unique, unique_values
+from qready.quant.palettize.codebook import kmeans_lut
+from qready.quant.palettize.dkm import (
+    DKMWeight,
+    dkm_naive,
+    dkm_unique,
+    gather,
+    initial_centroids,
+    pack_index,
+    unique_values,
+    unpack_index,
+)
 
 
 def reference_dkm(w: torch.Tensor, c0: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
@@ -59,7 +69,7 @@ def test_float16_buckets_equal_naive_on_bucket_means(grouped: bool) -> None:
     w = (w.detach() + 1e-5 * torch.randn_like(w)).requires_grad_()  # near-equal values share fp16 buckets
     u, inverse, counts, _ = unique_values(w.detach().reshape(-1), groups, exact=False)
     assert u.numel() < w.numel()  # some buckets hold several different float32 values
-    snapped = u[inverse].reshape(w.shape) + (w - w.detach())
+    snapped = gather(u, inverse).reshape(w.shape) + (w - w.detach())
     out, c = dkm_naive(snapped, c0, tau, 3, groups)
     (grad,) = torch.autograd.grad((out * upstream).sum(), w)
     got = run(dkm_unique, w, c0, tau, 3, groups, upstream=upstream, exact_limit=0)
@@ -135,3 +145,70 @@ def test_dkm_bits_outside_1_to_4_are_refused(bits: int) -> None:
 def test_invalid_options(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DKMWeight(torch.randn(4, 4), bits=2, **kwargs)
+
+
+# --- memory floor: a packed index is the only per-weight tensor DKM keeps -------------------------
+
+
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.int16), (1 << 16, torch.int16), ((1 << 16) + 1, torch.int32)])
+def test_index_packing_round_trips(m: int, dtype: torch.dtype) -> None:
+    index = torch.tensor([0, m - 1, m // 2])
+    packed = pack_index(index, m)
+    assert packed.dtype == dtype
+    assert torch.equal(unpack_index(packed, slice(None)).long(), index)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_float16_buckets_match_a_direct_unique(grouped: bool) -> None:
+    """Bucketing by table equals ``torch.unique`` of the (group, float16 bits) keys."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 400, generator=gen) * 0.05
+    groups = torch.arange(300).div(100, rounding_mode="floor").repeat_interleave(400) if grouped else None
+    u, index, counts, ugroups = unique_values(w.reshape(-1), groups, exact=False)
+    keys = (w.reshape(-1) / w.abs().max()).half().view(torch.int16).long() & 0xFFFF
+    if grouped:
+        keys = keys + (groups << 16)
+    ukeys, inverse, ref_counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    ref_u = torch.zeros(ukeys.numel(), dtype=torch.float64).index_add_(0, inverse, w.reshape(-1).double())
+    assert index.dtype == (torch.int16 if ukeys.numel() <= 1 << 16 else torch.int32)
+    assert torch.equal(unpack_index(index, slice(None)).long(), inverse)
+    assert torch.equal(counts, ref_counts.float())
+    torch.testing.assert_close(u.double(), ref_u / ref_counts, rtol=1e-6, atol=1e-9)
+    assert torch.equal(gather(u, index), u[inverse])
+    if grouped:
+        assert torch.equal(ugroups, ukeys >> 16)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of all tensors autograd saves for backward while running ``fn``."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_saved_state_is_two_bytes_per_weight_plus_the_buckets() -> None:
+    n, k, iters = 1 << 18, 16, 3
+    w = (0.02 * torch.randn(n)).requires_grad_()
+    c0 = 0.02 * torch.linspace(-2, 2, k)[None]
+    saved = saved_bytes(lambda: dkm_unique(w, c0, torch.tensor([1e-5]), iters))
+    per_bucket = 4 * 3 + 8  # u, counts, slope (float32) and slack
+    assert saved <= 2 * n + per_bucket * (1 << 16) + 4 * (3 * iters + 2) * k + 64
+
+
+def test_large_layer_starts_from_bucket_kmeans() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 1000, generator=gen) * 0.05  # above the exact-bucketing limit
+    fast = initial_centroids(w, 2, None, "auto")
+    exact = kmeans_lut(w, 2, None, "exact")
+    assert fast.shape == (1, 4)
+    assert (fast - exact).abs().max() < 1e-3 * w.std()
+    grouped = initial_centroids(w, 2, 35, "auto")
+    for g, rows in enumerate(w.split(35)):
+        assert (grouped[g] - kmeans_lut(rows, 2, None, "exact")[0]).abs().max() < 1e-3 * w.std()

@@ -38,12 +38,13 @@ from torch import nn
 
 from ..spec import check_bits
 from .codebook import channel_groups, group_parts, kmeans_lut, snap
-from .kmeans import KMeansMethod
+from .kmeans import KMeansMethod, kmeans1d_centroids
 
 DKM_BITS: tuple[int, ...] = (1, 2, 3, 4)
 DKM_IMPLS: tuple[str, ...] = ("unique", "naive")
 EXACT_UNIQUE_LIMIT = 1 << 16
 CHUNK = 1 << 14
+WEIGHT_CHUNK = 1 << 16
 MASS_EPS = 1e-12
 
 
@@ -118,35 +119,81 @@ def _sub(groups: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return None if groups is None else groups[sl]
 
 
+def _weight_slices(n: int) -> Iterator[slice]:
+    return _chunks(n, WEIGHT_CHUNK)
+
+
+def pack_index(index: torch.Tensor, m: int) -> torch.Tensor:
+    """Store bucket indices in ``[0, m)`` compactly: int16 (offset by -32768) when ``m <= 65536``, else int32."""
+    if m <= 1 << 16:
+        return (index - (1 << 15)).to(torch.int16)
+    return index.to(torch.int32)
+
+
+def unpack_index(packed: torch.Tensor, sl: slice) -> torch.Tensor:
+    """The int32 bucket indices of ``packed[sl]`` (see :func:`pack_index`)."""
+    part = packed[sl].to(torch.int32)
+    return part + (1 << 15) if packed.dtype == torch.int16 else part
+
+
+def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a packed index ``[N]``, slice by slice (no ``[N]`` int64 temporary)."""
+    out = table.new_empty(index.shape)
+    for sl in _weight_slices(index.numel()):
+        torch.index_select(table, 0, unpack_index(index, sl), out=out[sl])
+    return out
+
+
+def _bucket_keys(flat: torch.Tensor, groups: torch.Tensor | None, scale: torch.Tensor, sl: slice) -> torch.Tensor:
+    """int32 key ``group · 2^16 + float16 bits of w / scale`` of the elements ``sl``."""
+    keys = (flat[sl] / scale).half().view(torch.int16).to(torch.int32) & 0xFFFF
+    return keys if groups is None else keys + (groups[sl].to(torch.int32) << 16)
+
+
 def unique_values(flat: torch.Tensor, groups: torch.Tensor | None, exact: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Buckets of a flat weight: ``(u [M], inverse [N], counts [M] float, bucket groups [M] or None)``.
+    """Buckets of a flat weight: ``(u [M], index [N] packed, counts [M] float, bucket groups [M] or None)``.
 
     ``exact``: buckets are the exact float32 values (``u`` is the value itself). Otherwise the float16
-    value relative to max |w| (``u`` is the bucket mean). See the module docstring.
+    value relative to max |w| (``u`` is the bucket mean), computed slice by slice into a table of
+    ``2^16`` slots per group, so the only ``[N]`` tensor is the packed ``index`` (2 bytes per weight
+    with one group; see :func:`pack_index`). Buckets are ordered by group, then key.
     """
     with torch.no_grad():
         if exact:
             keys = flat.float().view(torch.int32).long() & 0xFFFFFFFF
-        else:
-            scale = flat.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-            keys = (flat / scale).half().view(torch.int16).long() & 0xFFFF
-        if groups is not None:
-            keys = (groups << 32) | keys
-        ukeys, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-        counts = counts.to(flat.dtype)
-        if exact:
+            if groups is not None:
+                keys = (groups << 32) | keys
+            ukeys, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
             u = flat.new_empty(ukeys.shape).scatter_(0, inverse, flat)
-        else:
-            u = flat.new_zeros(ukeys.shape).index_add_(0, inverse, flat) / counts
-        return u, inverse, counts, (ukeys >> 32 if groups is not None else None)
+            return (u, pack_index(inverse, ukeys.numel()), counts.to(flat.dtype),
+                    ukeys >> 32 if groups is not None else None)
+        n_groups = 1 if groups is None else int(groups.max()) + 1
+        if n_groups > 1 << 15:
+            raise ValueError(f"DKM supports at most {1 << 15} LUT groups per weight; got {n_groups}")
+        scale = flat.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        counts = flat.new_zeros(n_groups << 16)
+        sums = flat.new_zeros(n_groups << 16)
+        ones = flat.new_ones(min(WEIGHT_CHUNK, flat.numel()))
+        for sl in _weight_slices(flat.numel()):
+            keys = _bucket_keys(flat, groups, scale, sl)
+            counts.index_add_(0, keys, ones[: keys.numel()])
+            sums.index_add_(0, keys, flat[sl])
+        present = counts > 0
+        m = int(present.sum())
+        slot = (torch.cumsum(present, 0) - 1).to(torch.int32)  # key -> bucket number
+        index = torch.empty(flat.shape, dtype=torch.int16 if m <= 1 << 16 else torch.int32, device=flat.device)
+        for sl in _weight_slices(flat.numel()):
+            index[sl] = pack_index(slot[_bucket_keys(flat, groups, scale, sl)], m)
+        ugroups = torch.nonzero(present)[:, 0] >> 16 if groups is not None else None
+        return sums[present] / counts[present], index, counts[present], ugroups
 
 
 class _UniqueDKM(torch.autograd.Function):
     """DKM on distinct values with chunked recomputation in backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, w, u, inverse, counts, ugroups, c0, tau, iters: int, chunk: int):  # type: ignore[override]
+    def forward(ctx, w, u, index, counts, ugroups, c0, tau, iters: int, chunk: int):  # type: ignore[override]
         n_groups = c0.shape[0]
         cs, nums, dens = [c0], [], []
         for _ in range(iters):
@@ -168,19 +215,21 @@ class _UniqueDKM(torch.autograd.Function):
             z = -2.0 * (u[sl, None] - _rows(cs[-2], g)) / _rows(tau, g)[:, None]
             slope[sl] = (a * c_last * (z - (a * z).sum(1, keepdim=True))).sum(1)
         ctx.iters, ctx.chunk = iters, chunk
-        ctx.save_for_backward(u, inverse, counts, ugroups, slope, tau, *cs, *nums, *dens)
+        ctx.save_for_backward(u, index, counts, ugroups, slope, tau, *cs, *nums, *dens)
         c_final = cs[-1].clone()
         ctx.mark_non_differentiable(c_final)
-        return y[inverse].reshape(w.shape), c_final
+        return gather(y, index).reshape(w.shape), c_final
 
     @staticmethod
     def backward(ctx, grad_out, _grad_c):  # type: ignore[override]
         iters, chunk = ctx.iters, ctx.chunk
-        u, inverse, counts, ugroups, slope, tau, *rest = ctx.saved_tensors
+        u, index, counts, ugroups, slope, tau, *rest = ctx.saved_tensors
         cs, nums, dens = rest[: iters + 1], rest[iters + 1: 2 * iters + 1], rest[2 * iters + 1:]
         n_groups = cs[0].shape[0]
         flat_grad = grad_out.reshape(-1)
-        gy = torch.zeros_like(u).index_add_(0, inverse, flat_grad)
+        gy = torch.zeros_like(u)
+        for sl in _weight_slices(flat_grad.numel()):
+            gy.index_add_(0, unpack_index(index, sl), flat_grad[sl])
         gc = [torch.zeros_like(c) for c in cs]
         gu = torch.zeros_like(u)
         with torch.enable_grad():
@@ -203,7 +252,11 @@ class _UniqueDKM(torch.autograd.Function):
                     d_u, d_prev = torch.autograd.grad(parts, (us, prev), (g_num, g_den))
                     gu[sl] += d_u
                     gc[t] += d_prev
-        grad_w = flat_grad * slope[inverse] + (gu / counts)[inverse]
+        through_centroids = gu.div_(counts)
+        grad_w = torch.empty_like(flat_grad)
+        for sl in _weight_slices(flat_grad.numel()):
+            i = unpack_index(index, sl)
+            torch.addcmul(through_centroids.index_select(0, i), flat_grad[sl], slope.index_select(0, i), out=grad_w[sl])
         return grad_w.reshape(grad_out.shape), None, None, None, None, None, None, None, None
 
 
@@ -219,9 +272,24 @@ def dkm_unique(w: torch.Tensor, centroids: torch.Tensor, tau: torch.Tensor, iter
     _check_inputs(w, centroids, tau, iters)
     _check_positive_int("chunk", chunk)
     flat = w.reshape(-1)
-    u, inverse, counts, ugroups = unique_values(flat.detach(), groups, exact=flat.numel() <= exact_limit)
+    u, index, counts, ugroups = unique_values(flat.detach(), groups, exact=flat.numel() <= exact_limit)
     c0 = centroids.detach().to(w.dtype).clone()
-    return _UniqueDKM.apply(w, u, inverse, counts, ugroups, c0, tau.to(w.dtype), iters, chunk)
+    return _UniqueDKM.apply(w, u, index, counts, ugroups, c0, tau.to(w.dtype), iters, chunk)
+
+
+def initial_centroids(weight: torch.Tensor, bits: int, group_size: int | None, method: KMeansMethod,
+                      axis: int = 0) -> torch.Tensor:
+    """The starting LUT ``[G, 2^bits]``: the 1-D k-means of each group's weights, or, for layers above
+    :data:`EXACT_UNIQUE_LIMIT` weights with ``method="auto"``, of its float16 buckets' means weighted by
+    their counts (what :func:`dkm_unique` clusters; at most 65,536 points per group, so a 4M-weight
+    layer starts in a fraction of a second)."""
+    if method != "auto" or weight.numel() <= EXACT_UNIQUE_LIMIT:
+        return kmeans_lut(weight.float(), bits, group_size, method, axis)
+    groups = channel_groups(tuple(weight.shape), group_size, weight.device, axis)
+    u, _, counts, ugroups = unique_values(weight.detach().float().reshape(-1), groups, exact=False)
+    n_groups = 1 if groups is None else int(groups.max()) + 1
+    parts = [(u, counts)] if ugroups is None else [(u[ugroups == g], counts[ugroups == g]) for g in range(n_groups)]
+    return torch.stack([kmeans1d_centroids(v, 1 << bits, weights=c) for v, c in parts]).to(weight.device)
 
 
 DKMImpl = Literal["unique", "naive"]
@@ -236,7 +304,7 @@ class DKMWeight(nn.Module):
 
     Args:
         weight: the weight being palettized (``C`` output channels along ``axis``); initial centroids
-            are the k-means of each group.
+            are the k-means of each group (see :func:`initial_centroids`).
         bits: index bits ``b`` (1-4), ``K = 2^b`` centroids per group.
         group_size: output channels per LUT (``None``: one LUT per layer).
         tau: temperature, relative: the softmax uses ``τ · var(W_g)`` (variance of each group's weights
@@ -261,7 +329,7 @@ class DKMWeight(nn.Module):
         _check_positive_int("chunk", chunk)
         self.bits, self.group_size, self.iters, self.impl, self.chunk = bits, group_size, iters, impl, chunk
         self.axis = axis
-        centroids = kmeans_lut(weight.float(), bits, group_size, kmeans_method, axis)
+        centroids = initial_centroids(weight, bits, group_size, kmeans_method, axis)
         variance = torch.stack([p.float().var(unbiased=False) for p in group_parts(weight, group_size, axis)])
         self.register_buffer("centroids", centroids)
         self.register_buffer("temperature", (float(tau) * variance.clamp_min(1e-12)).to(weight.device))

@@ -176,11 +176,20 @@ def _pad(centroids: np.ndarray, k: int) -> np.ndarray:
 
 
 def kmeans1d_centroids(values: torch.Tensor, k: int, *, method: KMeansMethod = "auto", seed: int = 0,
-                       max_iter: int = 100) -> torch.Tensor:
-    """The ``k`` sorted centroids (float32 ``[k]``) of the 1-D k-means of ``values`` (any shape)."""
+                       max_iter: int = 100, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``k`` sorted centroids (float32 ``[k]``) of the 1-D k-means of ``values`` (any shape);
+    ``weights`` (``values``' shape, > 0): the multiplicity of each value (default 1)."""
     _check(values, k, method)
-    x, counts = np.unique(values.detach().double().cpu().reshape(-1).numpy(), return_counts=True)
-    w = counts.astype(np.float64)
+    flat = values.detach().double().cpu().reshape(-1).numpy()
+    if weights is None:
+        x, counts = np.unique(flat, return_counts=True)
+        w = counts.astype(np.float64)
+    else:
+        if weights.shape != values.shape or not bool((weights > 0).all()):
+            raise ValueError(f"weights must be positive with the values' shape {tuple(values.shape)}; "
+                             f"got shape {tuple(weights.shape)}")
+        x, inverse = np.unique(flat, return_inverse=True)
+        w = np.bincount(inverse, weights=weights.detach().double().cpu().reshape(-1).numpy())
     if x.size <= k:
         return torch.from_numpy(_pad(x, k)).float()
     if method == "exact" or (method == "auto" and x.size * k <= EXACT_BUDGET):

@@ -138,7 +138,7 @@ def test_load_weights_in_place_returns_model(tmp_path):
     torch.save(source.state_dict(), tmp_path / "w.pt")
     target = create_model("mlp")
     assert load_weights(target, tmp_path / "w.pt") is target
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True))
 
 
 class _NotAStateDict:  # a pickled arbitrary object: weights_only=True must refuse it
@@ -297,7 +297,7 @@ def test_recipe_freeze_batchnorm():
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
     model(torch.randn(8, 1, 8, 8))
-    assert norms and all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert norms and all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
     plain = build_model(_recipe({"name": "dwcnn"}), splits)  # off by default
     assert not any(m._forward_pre_hooks for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
 

@@ -204,6 +204,10 @@ def fit(
     dev = _resolve_device(model, device)
     if device is not None:
         model.to(dev)
+    try:
+        check_finite(model)  # every step would be skipped: refuse before the first one
+    except ValueError as e:
+        raise NonFiniteError(f"cannot train: {e}") from None
     objective = objective if objective is not None else build_objective(cfg, model)
     if not callable(objective):
         raise TypeError(f"objective must be callable (model, inputs, targets) -> (loss, outputs); got {objective!r}")

@@ -33,6 +33,14 @@ def split_batch(batch: object) -> tuple[Inputs, torch.Tensor | None]:
 
     Raises:
         TypeError: ``batch`` is none of the accepted forms (the message lists them).
+
+    >>> import torch
+    >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    >>> split_batch(x)[1] is None, split_batch((x, y))[1].tolist()
+    (True, [0, 1])
+    >>> inputs, targets = split_batch(({"input_ids": torch.ones(2, 5, dtype=torch.long)}, y))
+    >>> sorted(inputs), targets.shape
+    (['input_ids'], torch.Size([2]))
     """
     if _is_inputs(batch):
         return batch, None  # type: ignore[return-value]

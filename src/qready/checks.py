@@ -8,7 +8,15 @@ from collections.abc import Sequence
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    """``value`` as an ``int`` (bools refused), optionally ``>= minimum``."""
+    """``value`` as an ``int`` (bools refused), optionally ``>= minimum``.
+
+    >>> check_int("group_size", 4, minimum=1)
+    4
+    >>> check_int("group_size", 0, minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: group_size must be >= 1, got 0
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)

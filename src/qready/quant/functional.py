@@ -87,6 +87,12 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec, params: QuantParams | None =
         params: precomputed parameters (e.g. calibrated activation ranges); computed from ``w`` if None.
     Returns:
         tensor of ``w``'s shape and dtype, every value on the grid.
+
+    >>> import torch
+    >>> from qready import QuantSpec, fake_quantize
+    >>> w = torch.tensor([[-1.0, -0.3, 0.2, 1.0]])
+    >>> fake_quantize(w, QuantSpec(bits=2, granularity="tensor"))   # grid {-2, -1, 0, 1} * 1.0
+    tensor([[-1.,  0.,  0.,  1.]])
     """
     params = params if params is not None else compute_qparams(w, spec)
     rows = to_rows(w, params.granularity, params.axis, params.group_size)
@@ -111,6 +117,15 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantParam
     """Integer codes of ``w`` (same shape, smallest integer dtype) and their :class:`QuantParams`.
 
     1-bit codes are ``{0, 1}`` for ``{-scale, +scale}``.
+
+    >>> import torch
+    >>> from qready import QuantSpec, dequantize, quantize
+    >>> w = torch.tensor([[-1.0, -0.3, 0.2, 1.0]])
+    >>> codes, params = quantize(w, QuantSpec(bits=4, granularity="tensor"))
+    >>> codes.tolist(), round(float(params.scale[0]) * 7, 6)
+    ([[-7, -2, 1, 7]], 1.0)
+    >>> torch.allclose(dequantize(codes, params), torch.tensor([[-1.0, -2 / 7, 1 / 7, 1.0]]))
+    True
     """
     params = compute_qparams(w, spec)
     with torch.no_grad():

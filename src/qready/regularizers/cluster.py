@@ -1,5 +1,5 @@
 """Clustering regularization with learnable representatives (seed: Malchiodi, Ferraretto, Frasca 2026;
-DESIGN.md §4.3).
+docs/methods/clustering.md).
 
 Each selected layer ``l`` owns ``K = 2^b`` representatives ``c_{l,1..K}`` (``nn.Parameter``\\ s in
 :attr:`ClusterRegularizer.reps`, keyed by :func:`param_key`), initialised by the exact 1-D k-means

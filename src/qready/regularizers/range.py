@@ -1,4 +1,4 @@
-"""Range regularization R² (Kundu et al., DESIGN.md §4.1): penalties that shrink each layer's weight
+"""Range regularization R² (Kundu et al., docs/methods/range_regularization.md): penalties that shrink each layer's weight
 range, so that a uniform quantization grid fitted to it has a smaller step.
 
 Three penalties, summed over the selected layers l (weights W_l with N_l elements):

@@ -1,4 +1,4 @@
-"""SAQ: sharpness-aware training of a quantized model (Liu, Cai, Zhuang; DESIGN.md §4.4).
+"""SAQ: sharpness-aware training of a quantized model (Liu, Cai, Zhuang; docs/methods/sharpness.md).
 
 Objective ``min_w max_{‖ε‖₂ ≤ ρ} L(Q(w) + ε)``, with ``ε`` placed on the *quantized* weights and
 computed from the gradient with respect to them: ``ε̂ = ρ · g_Q / ‖g_Q‖``, ``g_Q = ∂L/∂Q(w)``

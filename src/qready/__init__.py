@@ -24,7 +24,6 @@ _LAZY: dict[str, str] = {
     "palettize": "qready.quant.palettize",
     "finalize_palettized": "qready.quant.palettize",
     "sweep": "qready.evaluate.sweep",
-    "evaluate": "qready.evaluate.metrics",
     "create_model": "qready.models",
     "list_models": "qready.models",
     "load_dataset": "qready.data",
@@ -36,11 +35,10 @@ _LAZY: dict[str, str] = {
 }
 _SUBMODULES = ("quant", "models", "data", "train", "evaluate", "recipe", "regularizers", "sharpness", "export")
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
+__all__ = sorted({*_LAZY, *_SUBMODULES, "__version__"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import list_datasets, load_dataset
-    from .evaluate.metrics import evaluate
     from .evaluate.sweep import sweep
     from .models import create_model, list_models
     from .quant.functional import dequantize, fake_quantize, quantize

@@ -146,7 +146,7 @@ def sweep_recipe(prepared: Prepared, bits=None, ranges=None, method: str | None 
             prepared.model, prepared.test_loader, bits=list(bits or cfg.bits), spec=spec,
             calib=prepared.train_loader, select=Selector(first_last=cfg.first_last), include_fp=i == 0,
             calib_batches=cfg.calib_batches, method=method, bias_correction=cfg.bias_correction,
-            method_options=options,
+            method_options=options, confidence=cfg.confidence,
         )
     return rows
 

@@ -167,6 +167,25 @@ def test_back_ends_qat_and_dkm_fine_tune_towards_the_float_teacher():
         assert fidelity(objective.teacher, student, batches)["kl"] < before
 
 
+def test_two_pass_steps_run_the_teacher_once_per_batch():
+    from qready.sharpness.build import build_step
+
+    model = _mlp()
+    objective = Distill(model)
+    calls = []
+    objective.teacher.register_forward_hook(lambda *args: calls.append(1))
+    _perturb(model)
+    batches = [_x(16, i) for i in range(3)]
+    fit(model, batches, CFG, objective=objective, step_strategy=build_step({"kind": "sam", "rho": 0.05}),
+        progress=False)
+    assert len(calls) == CFG.epochs * len(batches)  # SAM evaluates the loss twice per step
+    x = _x(4)
+    first = objective.teacher_output(x, torch.device("cpu"))
+    x.mul_(2.0)  # changed in place: the cached output must not be reused
+    torch.testing.assert_close(objective.teacher_output(x, torch.device("cpu")), objective.teacher(x))
+    assert not torch.equal(first, objective.teacher(x))
+
+
 def test_saq_step_with_distillation():
     from qready.sharpness.build import build_step
 

@@ -127,3 +127,15 @@ def test_json_of_a_sweep_is_strict(trained, tmp_path) -> None:
     path = tmp_path / "rows.json"
     assert main(["sweep", str(run / "checkpoint"), "--bits", "4", "--json", str(path)]) == 0
     json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_a_corrupt_cifar_batch_names_the_file(tmp_path, capsys) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):
+        (folder / name).write_bytes(bytes(range(256)) * 4)
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "c", "model": {"name": "resnet20"},
+                                      "data": {"name": "cifar10", "root": str(tmp_path)}, "train": {"epochs": 1}}))
+    _fails(capsys, ["train", str(recipe), "--out", str(tmp_path / "run")], str(folder / "data_batch_1"))

@@ -312,7 +312,9 @@ def error_line(err: BaseException) -> str:
         message = str(err.args[0])
     else:
         message = str(err) or type(err).__name__
-    if not isinstance(err, (ValueError, TypeError, KeyError, OSError, ImportError)):
+    import pickle
+
+    if not isinstance(err, (ValueError, TypeError, KeyError, OSError, ImportError, pickle.UnpicklingError)):
         message = f"{type(err).__name__}: {message} (run with -v for the traceback)"
     return " ".join(message.split())
 

@@ -94,8 +94,13 @@ class SafeUnpickler(pickle.Unpickler):
 
 def load_batch(path: str | Path) -> dict[Any, Any]:
     """Read one CIFAR batch pickle with :class:`SafeUnpickler` (``encoding="bytes"``); returns its dict."""
-    with open(path, "rb") as f:
-        obj = SafeUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            obj = SafeUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR batch pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict in a CIFAR batch file, got {type(obj).__name__}")
     return obj

@@ -157,7 +157,7 @@ def _compress_option_names(method: str) -> list[str]:
 
     if method in QAT_METHODS:
         params = inspect.signature(prepare_qat).parameters.values()
-        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY] + ["delta_update"]
+        return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY] + ["delta_update", "mixed"]
     if method == "cluster":  # options of the cluster regularizer trained before the snap
         from .regularizers import option_names
 

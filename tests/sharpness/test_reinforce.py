@@ -153,3 +153,24 @@ def test_bad_search_arguments_name_the_valid_values() -> None:
     with pytest.raises(ValueError, match="below the cheapest"):
         search_mixed_precision(model, loader, SHAPE, target / 10, search="reinforce",
                                select=Selector(types=(nn.Linear,), first_last=8))
+
+
+def test_the_compress_stage_searches_mixed_precision_and_writes_the_evidence(tmp_path) -> None:
+    import json
+
+    from qready.app.compress import compress_model
+    from qready.recipe import CompressConfig
+    from qready.train import TrainConfig
+
+    model, loader = trained_mlp(5)
+    block = CompressConfig(method="lsq", w_bits=3, a_bits=3, epochs=1, options={
+        "mixed": {"search": "reinforce", "bits": [2, 3, 4], "batches": 1, "steps": 5, "samples": 4}})
+    out = compress_model(model, block, loader, TrainConfig(epochs=1, lr=1e-3), {"run_dir": tmp_path, "progress": False})
+    summary = json.loads((tmp_path / "mixed_precision.json").read_text())
+    assert summary["search"] == "reinforce" and summary["bops"] <= summary["target"]
+    assert summary["target"] == bops(model, SHAPE, 3, 3).total
+    assert [r["name"] for r in summary["layers"]] == list(LAYERS)
+    assert all(set(r["probabilities"]) == {"2", "3", "4"} for r in summary["layers"])
+    assert "policy probability" in (tmp_path / "mixed_precision.md").read_text()
+    for name, b in summary["config"].items():
+        assert out.get_submodule(name).input_quantizer.spec.bits == b

@@ -59,8 +59,12 @@ def qat_stage(job: CompressJob) -> nn.Module:
 
     c, options = job.config, dict(job.options)
     delta_update = options.pop("delta_update", None)  # EWGS: re-estimate δ from the Hessian trace
-    model = prepare_qat(job.model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
-                        calib=job.train_loader, inplace=True, **options)
+    mixed = options.pop("mixed", None)  # per-layer bit widths within the BOPs of this uniform block
+    if mixed is not None:
+        model = _prepare_mixed(job, dict(mixed), options)
+    else:
+        model = prepare_qat(job.model, method=c.method, w_bits=c.w_bits, a_bits=c.a_bits, first_last=c.first_last,
+                            calib=job.train_loader, inplace=True, **options)
     fit_kwargs = dict(job.fit_kwargs)
     if delta_update is not None:
         from ..quant.qat.hessian import EWGSDeltaUpdater
@@ -72,6 +76,31 @@ def qat_stage(job: CompressJob) -> nn.Module:
     fit(model, job.train_loader, job.train_cfg, param_groups=groups, step_strategy=build_step(c.sharpness),
         **fit_kwargs)
     return finalize(model)
+
+
+def _prepare_mixed(job: CompressJob, search: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+    """``options.mixed``: search per-layer bit widths (``search`` holds the arguments of
+    :func:`qready.sharpness.search_mixed_precision`; the budget ``target`` defaults to the BOPs of the
+    block's uniform configuration), write the per-layer evidence (``mixed_precision.json``/``.md``) next
+    to the fine-tuning checkpoints, and attach the QAT quantizers of that configuration."""
+    from ..batching import batch_inputs
+    from ..sharpness.bops import LAYER_TYPES, layer_macs
+    from ..sharpness.mixed import config_bops, prepare_mixed, search_mixed_precision
+    from ..sharpness.mixed_report import write_evidence
+
+    c = job.config
+    a_bits = "same" if c.a_bits == c.w_bits else c.a_bits
+    shape = tuple(batch_inputs(next(iter(job.train_loader))).shape[1:])
+    selector = Selector(types=LAYER_TYPES, first_last=c.first_last)
+    macs = layer_macs(job.model, shape)
+    uniform = {item.name: item.bits_override or c.w_bits for item in selector.select(job.model)}
+    target = search.pop("target", None) or config_bops(macs, uniform, a_bits)
+    result = search_mixed_precision(job.model, job.train_loader, shape, target, a_bits=a_bits, select=selector,
+                                    **search)
+    if job.fit_kwargs.get("run_dir") is not None:
+        write_evidence(result.to_dict(macs, a_bits), job.fit_kwargs["run_dir"])
+    return prepare_mixed(job.model, result.config, method=c.method, a_bits=a_bits, calib=job.train_loader,
+                         inplace=True, **options)
 
 
 @COMPRESS_STAGES.register("dkm")

@@ -112,7 +112,7 @@ def search_mixed_precision(
             (:func:`~.search_sensitivity.sensitivity_search`: ``candidates``, ``w_range``, ``a_range``,
             ``granularity``, ``resolution``; :func:`~.search_reinforce.reinforce_search`: ``policy``,
             ``hidden``, ``steps``, ``samples``, ``lr``, ``entropy``, ``momentum``, ``final``, ``seed``,
-            ``method``, ``w_range``, ``granularity``).
+            ``method``, ``range_method``, ``granularity``).
         bits: candidate bit widths per layer (weights; 1-8).
         a_bits: ``"same"`` (a layer's input activations get its weight bits, at least 2), an int (every
             searched layer's inputs at that width) or None (float activations, counted as 32 bits).
@@ -177,7 +177,7 @@ def _check_config(model: nn.Module, config: Mapping[str, int]) -> None:
 def ptq_mixed(model: nn.Module, config: Mapping[str, int], spec: QuantSpec | None = None) -> nn.Module:
     """Weight-only post-training quantization with per-layer bit widths: a quantized copy of ``model``
     whose layer ``n`` has its weights on the ``config[n]``-bit grid of ``spec`` (default: symmetric,
-    per channel, MSE range -- the weight quantizer of the REINFORCE supernet's default). Layers not in
+    per channel, MSE range -- the STE quantizer with ``range="mse"``). Layers not in
     ``config`` stay float."""
     _check_config(model, config)
     spec = spec or QuantSpec(bits=8, granularity="channel", range="mse")

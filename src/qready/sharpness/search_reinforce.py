@@ -41,8 +41,8 @@ def _repair(problem: SearchProblem, config: Mapping[str, int]) -> dict[str, int]
 @SEARCHES.register("reinforce")
 def reinforce_search(problem: SearchProblem, *, policy: str = "independent", hidden: int = 32,
                      steps: int = 100, samples: int = 8, lr: float | None = None,
-                     entropy: float = 0.01, momentum: float = 0.5, final: int = 32, seed: int = 0, method: str = "ste",
-                     w_range: str = "mse", granularity: str = "channel") -> MixedPrecisionResult:
+                     entropy: float = 0.01, momentum: float = 0.5, final: int = 32, seed: int = 0, method: str = "lsq",
+                     range_method: str = "minmax", granularity: str | None = None) -> MixedPrecisionResult:
     """REINFORCE over a supernet (see the module docstring).
 
     Args:
@@ -55,9 +55,10 @@ def reinforce_search(problem: SearchProblem, *, policy: str = "independent", hid
         momentum: of the moving-average reward baseline.
         final: configurations drawn from the trained policy for the final choice.
         seed: seeds the policy's initialisation and every draw (same seed, same result).
-        method, w_range, granularity: the supernet's quantizers (``prepare_qat``'s ``method``, ``range``
-            and ``w_granularity``); hand the result to :func:`prepare_mixed` with the same ones to start
-            QAT from exactly the evaluated model.
+        method, range_method, granularity: the supernet's quantizers (``prepare_qat``'s ``method``, ``range``
+            and ``w_granularity``). The default ranks configurations on exactly the LSQ quantizers
+            :func:`prepare_mixed` starts QAT from; for weight-only PTQ use ``method="ste", range_method="mse",
+            granularity="channel"`` (the quantizer of :func:`ptq_mixed`).
     """
     factory = POLICIES.get(policy)
     for name, value, low in (("hidden", hidden, 1), ("steps", steps, 1), ("samples", samples, 1),
@@ -68,7 +69,7 @@ def reinforce_search(problem: SearchProblem, *, policy: str = "independent", hid
     lr = check_float("lr", LEARNING_RATES[policy] if lr is None else lr, minimum=0.0, exclusive=True)
     p, bits, free = problem, problem.bits, problem.free
     net = Supernet(p.model, {n: bits if n in free else [p.fixed[n]] for n in p.layers}, p.a_bits, p.data, len(p.data),
-                   method=method, w_granularity=granularity, range=w_range)
+                   method=method, w_granularity=granularity, range=range_method)
     cache: dict[tuple[int, ...], float] = {}
 
     def loss(config: Mapping[str, int]) -> float:

@@ -57,6 +57,9 @@ class Supernet:
                 quantizer = getattr(layer, ATTR, None)
                 if quantizer is not None:
                     self.input_q[n][b] = quantizer
+        for quantizers in (*self.weight_q.values(), *self.input_q.values()):
+            for q in quantizers.values():
+                q.requires_grad_(False)  # nothing is trained: gradients flow to the weights only
         self.net = copy.deepcopy(model).eval()
         self.net.requires_grad_(False)
         self.layers = {n: self.net.get_submodule(n) for n in choices}

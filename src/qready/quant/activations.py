@@ -12,7 +12,36 @@ ATTR = "input_quantizer"
 MAX_SAMPLES = 1 << 16
 
 
-class ActivationQuantizer(nn.Module):
+class InputQuantizer(nn.Module):
+    """Base of every activation quantizer, post-training and QAT alike: integer inputs (indices) pass
+    through; while ``observing`` values are recorded (:meth:`observe`) and pass unchanged; otherwise
+    :meth:`prepare` (e.g. a lazy initialisation) then :meth:`quantize`. Attached to a module's input by
+    :func:`attach_input_module`."""
+
+    observing: bool
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record statistics of ``x`` during calibration."""
+        raise NotImplementedError
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Called before :meth:`quantize` outside calibration (default: nothing)."""
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized ``x`` (same shape)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return x
+        if self.observing:
+            self.observe(x)
+            return x
+        self.prepare(x)
+        return self.quantize(x)
+
+
+class ActivationQuantizer(InputQuantizer):
     """Per-tensor fake quantization of an activation with parameters fixed after calibration.
 
     While ``observing`` it records the running min/max and a random subsample (at most 65,536 values
@@ -76,12 +105,7 @@ class ActivationQuantizer(nn.Module):
             extra={"binary": self.spec.is_binary},
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            return x
-        if self.observing:
-            self.observe(x)
-            return x
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.spec, self.params())
 
     def extra_repr(self) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..activations import ActivationQuantizer
+from ..activations import ActivationQuantizer, InputQuantizer
 from ..functional import compute_qparams, fake_quantize
 from ..grid import from_rows, to_rows
 from ..ranges import MIN_SCALE, scale_zero_point_from_range
@@ -172,7 +172,7 @@ class WeightQuantizer(QATQuantizer):
         return f"bits={self.bits}, granularity={self.granularity}, axis={self.axis}"
 
 
-class ActivationQAT(QATQuantizer):
+class ActivationQAT(InputQuantizer, QATQuantizer):
     """Per-tensor activation quantizer with data-driven initialisation.
 
     While ``observing`` (calibration) values pass through unchanged and are recorded; the first
@@ -206,19 +206,11 @@ class ActivationQAT(QATQuantizer):
     def init_from_stats(self) -> None:
         raise NotImplementedError
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_floating_point():
-            return x
-        if self.observing:
-            self.observe(x)
-            return x
+    def prepare(self, x: torch.Tensor) -> None:
+        """Initialise from the first batch seen when no calibration ran."""
         if not self.initialized:
             self.observe(x)
             self.finish_calibration()
-        return self.quantize(x)
 
     def finalized(self) -> nn.Module:
         """The fixed quantizer a finalized model keeps (same outputs as this one in eval mode)."""

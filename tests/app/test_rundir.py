@@ -61,3 +61,12 @@ def test_an_output_path_below_a_file_is_refused(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=f"output directory {tmp_path / 'file' / 'sub'} is not writable"):
         check_writable(tmp_path / "file" / "sub")
+
+
+def test_write_atomic_replaces_whole_files(tmp_path) -> None:
+    from qready.app.rundir import write_atomic
+
+    path = tmp_path / "rows.json"
+    write_atomic(path, "one")
+    write_atomic(path, "two")
+    assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["rows.json"]

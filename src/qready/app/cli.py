@@ -96,8 +96,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
     if args.json:
         from ..train.stats import jsonable
+        from .rundir import write_atomic
 
-        Path(args.json).write_text(json.dumps(jsonable(rows), indent=2, allow_nan=False))
+        write_atomic(Path(args.json), json.dumps(jsonable(rows), indent=2, allow_nan=False))
     return 0
 
 

@@ -6,7 +6,8 @@ and output directories checked writable before any work.
   naming the holder. A lock left by a process that died on this host is taken over.
 * :func:`check_new_run` refuses to start a run in a directory that already holds one (a checkpoint
   or ``metrics.jsonl``) unless the caller resumes it or forces a restart.
-* :func:`check_writable` creates a directory (and its parents) and proves it writable with a probe file.
+* :func:`check_writable` creates a directory (and its parents) and proves it writable with a probe file;
+  :func:`write_atomic` writes a file through a temporary file and a rename.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def check_writable(directory: Path) -> Path:
     except OSError as err:
         raise ValueError(f"output directory {directory} is not writable: {err.strerror or err}") from None
     return directory
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename, so a
+    reader never sees a half-written file and a failure leaves the previous file intact."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _alive(pid: int) -> bool:
@@ -100,4 +115,4 @@ def check_new_run(run_dir: Path, *, resume: bool, force: bool) -> None:
                          "--resume, start over with --force, or choose another --out")
 
 
-__all__ = ["LOCK_FILE", "check_new_run", "check_writable", "holds_run", "run_lock"]
+__all__ = ["LOCK_FILE", "check_new_run", "check_writable", "holds_run", "run_lock", "write_atomic"]

@@ -249,3 +249,17 @@ def test_ddp_equals_single_process(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     plain = _mlp()
     assert any(not torch.allclose(a, p, atol=1e-5) for a, p in zip(got, plain.parameters(), strict=True))
+
+
+def test_recipe_trains_with_the_finite_difference_step(tmp_path: Path) -> None:
+    from qready.app.stages import train_recipe
+    from qready.recipe import load_recipe
+
+    recipe = load_recipe({
+        "name": "fd", "seed": 0, "model": {"name": "mlp", "args": {"hidden": [16]}},
+        "data": {"name": "digits"}, "train": {"epochs": 1, "batch_size": 256, "lr": 0.01},
+        "regularizers": [{"name": "grad_l1", "weight": 1.0, "options": {"mode": "finite_difference"}}],
+    })
+    train_recipe(recipe, tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"grad_l1"' in lines[-1]  # logged by the step strategy

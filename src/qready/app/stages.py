@@ -122,9 +122,14 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
     from ..sharpness.build import build_step
 
     terms = build_regularizers(recipe, prepared.model)
+    stepping = [t for t in terms if getattr(t, "owns_step", False)]  # e.g. grad_l1 in finite-difference mode
+    if stepping and (len(stepping) > 1 or recipe.sharpness is not None):
+        raise ValueError("a regularizer that owns the training step (grad_l1 with mode: finite_difference) "
+                         "cannot be combined with another one or with a sharpness block")
     result = fit(
-        prepared.model, prepared.train_loader, recipe.train, val_loader=prepared.test_loader, loss_terms=terms,
-        step_strategy=build_step(recipe.sharpness),
+        prepared.model, prepared.train_loader, recipe.train, val_loader=prepared.test_loader,
+        loss_terms=[t for t in terms if t not in stepping],
+        step_strategy=stepping[0].step_strategy() if stepping else build_step(recipe.sharpness),
         run_dir=run_dir, resume=resume, seed=recipe.seed, meta=checkpoint_meta(recipe, prepared), progress=progress,
         device=device,
     )

@@ -129,6 +129,7 @@ class GradL1(Regularizer):
         self.fd_eps = None if fd_eps is None else float(fd_eps)
         self.central = central
         self.needs_graph = mode == "exact"
+        self.owns_step = mode == "finite_difference"  # applied by a step strategy, not as a loss term
         self.last_penalty: float | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

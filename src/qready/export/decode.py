@@ -35,8 +35,9 @@ FP16_RTOL = 2.0**-11  # float16 rounding of a scale (unit roundoff)
 @dataclass
 class StoredWeight:
     """One weight as read from a file: ``kind`` (``"lut"``, ``"linear"``, ``"matmul_nbits"``, ``"qdq"``),
-    the stored arrays (as the file holds them, unpacked to one integer per element) and the decoded
-    float values in the PyTorch layout."""
+    ``bits`` of the stored integers (for Q/DQ: the container, 8 or 4), the stored arrays (unpacked to
+    one integer per element), the decoded float values (in the stored layout: a MatMul's weight is
+    transposed) and the MatMulNBits ``block_size``."""
 
     key: str
     kind: str

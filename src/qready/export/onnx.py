@@ -24,6 +24,9 @@ what the PyTorch model computes:
   A finalized EWGS input quantizer (learned bounds ``l < u``, whose grid need not hold 0, so it has
   no integer zero point) becomes the float graph ``l + Round(Clip((x - l) / (u - l), 0, 1)·L) / L·(u - l)``
   with ``L = 2^b - 1``. 1-bit (sign) activations have no Q/DQ form and are refused.
+* ``weights_only=True``: Linear weights of 2, 4 or 8 bits become ONNX Runtime's block-quantized
+  ``MatMulNBits`` and other weights int8/uint8 Q/DQ (see :mod:`qready.export.onnx_weights`); no
+  activation quantizers.
 
 The graph comes from PyTorch's TorchScript-based exporter (``dynamo=False``: it works offline, without
 ``onnxscript``) at opset ``min(opset, 20)`` in ``TrainingMode.PRESERVE`` (so BatchNorm is not folded

@@ -208,3 +208,17 @@ def test_batchnorm_reestimation_on_dict_batches() -> None:
         pooled = torch.cat([model(**x).hidden for x, _ in batches])
     assert torch.allclose(model.norm.running_mean, pooled.mean(dim=0), atol=1e-5)
     assert model.norm.num_batches_tracked == 3
+
+
+def test_evaluate_per_token_outputs_classes_last() -> None:
+    torch.manual_seed(0)
+    tagger = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, CLASSES))  # [B, T] -> [B, T, C]
+    batches = [(torch.randint(0, VOCAB, (4, TOKENS)), torch.randint(0, CLASSES, (4, TOKENS))) for _ in range(2)]
+    metrics = evaluate(tagger, batches)
+    with torch.no_grad():
+        correct = sum(int((tagger(x).argmax(-1) == y).sum()) for x, y in batches)
+        loss = sum(float(nn.functional.cross_entropy(tagger(x).flatten(0, 1), y.flatten(), reduction="sum"))
+                   for x, y in batches)
+    assert metrics["n"] == 2 * 4 * TOKENS
+    assert metrics["accuracy"] == pytest.approx(100 * correct / metrics["n"])
+    assert metrics["loss"] == pytest.approx(loss / metrics["n"])

@@ -29,7 +29,8 @@ def evaluate(
     """Top-1 accuracy (percent) and mean cross-entropy loss of ``model`` over ``loader``.
 
     ``loader`` yields labelled batches, ``(inputs, targets)`` or ``(dict, targets)``; logits are the
-    model's output tensor (``.logits`` of a Hugging Face output), classes along dim 1.
+    model's output tensor (``.logits`` of a Hugging Face output), classes along dim 1 — or along the
+    last dim for per-token outputs ``[B, T, C]`` with targets ``[B, T]`` (every token counts once).
 
     The model is put in eval mode for the pass and restored to its previous mode afterwards.
     Returns ``{"accuracy": float in [0, 100], "loss": float, "n": int}``.
@@ -42,6 +43,8 @@ def evaluate(
         for batch in loader:
             x, y = batch_to_device(batch, device)
             logits = output_tensor(forward(model, x))
+            if logits.dim() > 2 and tuple(y.shape) == tuple(logits.shape[:-1]):  # [B, T, C] per-token outputs
+                logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
             loss_sum += float(criterion(logits, y))
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())

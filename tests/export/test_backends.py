@@ -132,3 +132,15 @@ def test_exported_accuracy_equals_reported(digits, backend: str, tmp_path) -> No
     runtime = _onnx_accuracy(onnx_path, test)
     print(f"{backend}: reported {reported:.2f} %, reloaded packed {packed:.2f} %, onnxruntime {runtime:.2f} %")
     assert runtime == pytest.approx(reported, abs=1e-9)
+
+
+def test_one_bit_activations_are_refused_for_onnx(tmp_path) -> None:
+    pytest.importorskip("onnx")
+    from qready.export.onnx import export_onnx
+
+    model = create_model("mlp", hidden=(8,), num_classes=3, in_features=4).eval()
+    calib = [torch.randn(4, 4) for _ in range(2)]
+    q = ptq(model, QuantSpec(bits=4), calib=calib, act_spec=QuantSpec(bits=1, granularity="tensor"))
+    with pytest.raises(ValueError, match="1-bit .* use 2 or more activation bits"):
+        export_onnx(q, calib[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from importlib import resources
@@ -174,6 +175,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         d for d in (Path("runs") / f"demo{f'-{i}' if i else ''}" for i in range(10**6)) if not holds_run(d))
     check_new_run(run_dir, resume=False, force=args.force)
     print(f"qready demo: training {recipe.model.name} on {recipe.data.name} for {recipe.train.epochs} epochs")
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # a model this small only loses time to intra-op threading
     with run_lock(run_dir):
         prepared = train_recipe(recipe, run_dir, progress=not args.no_progress)
         rows = sweep_recipe(prepared)

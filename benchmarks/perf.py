@@ -1,0 +1,226 @@
+"""Performance round, one run side by side (the machine's 1-minute load average printed with each timing):
+
+* **grad-ℓ1 step cost**: plain, exact (double backprop) and finite-difference steps of ResNet-20
+  (batch 32 of 3x32x32, SGD), interleaved, medians (``benchmarks.grad_l1.step_cost``); target: the
+  finite-difference step ≤ 2.1× the plain step.
+* **DKM memory and time**: one training step (forward, backward, SGD; batch 64) of a 4-bit palettized
+  ``Linear(n, n)``, n = 1024 and 2048, qready's DKM versus coremltools' ``DKMPalettizer``, each in a
+  fresh subprocess (resident-set high-water mark reset right before the measured second step; see
+  ``benchmarks.palettize``). Also the first step: palettizing the layer (initial k-means) plus one
+  step. Targets: peak added memory ≤ 3× the layer's fp32 bytes, step ≤ 200 ms at 1M weights, first
+  step ≤ 2 s at 4M weights.
+* **``qready demo``** wall time (a fresh process, as a user runs it); target ≤ 60 s.
+* **PTQ time** of MobileNetV2 (ImageNet stem, 1000 classes, random init) with min-max, MSE and
+  percentile ranges (4-bit per-channel weights, 8-bit per-tensor activations, 2 calibration batches of
+  8 x 3 x 224 x 224), interleaved, medians of 3; target: MSE ≤ 3× min-max.
+
+    python -m benchmarks.perf [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import common, grad_l1
+from benchmarks.palettize import _prepare, _rss_kb
+
+ROOT = Path(__file__).resolve().parent.parent
+DKM_SIZES = (1024, 2048)
+DKM_IMPLS = ("none", "ours", "coremltools")
+RANGES = ("minmax", "mse", "percentile")
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# ---- DKM: one subprocess per (implementation, size) ---------------------------------------------
+
+def dkm_probe(impl: str, n: int, repeats: int) -> dict:
+    """Palettize ``Linear(n, n)`` at 4 bits, step it; peak added resident memory of the second step."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    layer = nn.Linear(n, n)
+    x = torch.randn(64, n)
+    start = time.perf_counter()
+    model, palettizer = _prepare(impl, layer)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+        if palettizer is not None:
+            palettizer.step()
+
+    step()
+    first_step_s = time.perf_counter() - start
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kb("VmRSS")
+    step()
+    peak_mb = (_rss_kb("VmHWM") - before) / 1024
+    step_s = common.time_per_call(step, warmup=0, repeats=repeats)
+    return {"peak_mb": peak_mb, "step_s": step_s, "first_step_s": first_step_s, "load_avg_1min": load()}
+
+
+def dkm(quick: bool) -> list[dict]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    rows = []
+    for n in DKM_SIZES:
+        for impl in DKM_IMPLS:
+            repeats = 1 if (quick or impl == "coremltools") else 5
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--dkm-probe", impl, str(n), str(repeats)],
+                                  capture_output=True, text=True, env=env, cwd=ROOT)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = {"impl": impl, "n": n, "weights": n * n, "fp32_mb": n * n * 4 / 2**20}
+            if proc.returncode == 0 and lines:
+                row |= json.loads(lines[-1])
+                print(f"DKM {impl} {n}x{n}: peak {row['peak_mb']:.1f} MB, step {1000 * row['step_s']:.0f} ms, "
+                      f"first step {row['first_step_s']:.2f} s (load {row['load_avg_1min']:.1f})", flush=True)
+            else:
+                row["skipped"] = ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:300]
+                print(f"DKM {impl} {n}x{n} skipped: {row['skipped']}", flush=True)
+            rows.append(row)
+    return rows
+
+
+# ---- demo and PTQ ---------------------------------------------------------------------------------
+
+def demo_wall() -> dict:
+    """Wall time of ``python -m qready demo`` in a fresh process (two threads, the machine's cores)."""
+    with tempfile.TemporaryDirectory() as folder:
+        load_before = load()
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "qready", "demo", "--out", str(Path(folder) / "demo")],
+                              capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"skipped": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    out = {"wall_s": wall, "load_avg_before": load_before, "load_avg_1min": load()}
+    print(f"demo: {wall:.1f} s (load {load_before:.1f} -> {out['load_avg_1min']:.1f})", flush=True)
+    return out
+
+
+def ptq_times(repeats: int) -> dict:
+    """Median PTQ seconds per range method on MobileNetV2, the methods interleaved."""
+    from qready import create_model
+    from qready.quant import QuantSpec, ptq
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=1000, stem="imagenet").eval()
+    calib = [torch.randn(8, 3, 224, 224) for _ in range(2)]
+
+    def run(rng: str):
+        return lambda: ptq(model, QuantSpec(bits=4, granularity="channel", range=rng), calib=calib,
+                           act_spec=QuantSpec(bits=8, granularity="tensor", symmetric=False, range=rng),
+                           calib_batches=2)
+
+    times = common.interleaved_medians({rng: run(rng) for rng in RANGES}, repeats=repeats, warmup=1)
+    out = {"seconds": times, "ratio_to_minmax": {r: times[r] / times["minmax"] for r in RANGES},
+           "threads": torch.get_num_threads(), "load_avg_1min": load()}
+    print("PTQ MobileNetV2: " + ", ".join(f"{r} {times[r]:.2f} s" for r in RANGES) +
+          f" (load {out['load_avg_1min']:.1f})", flush=True)
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def markdown(results: dict) -> str:
+    out = ["# Performance round: one run, side by side\n",
+           "CPU, shared 2-core machine: the 1-minute load average is printed with each timing; timings are "
+           "medians of interleaved repeats unless said otherwise.\n",
+           "## Gradient-ℓ1 step cost (ResNet-20, batch 32 of 3x32x32, SGD step included)\n"]
+    rows = []
+    for c in results["grad_l1"]:
+        rows.append(["weights" if c["act_weight"] == 0 else "weights + activations", str(c["threads"]),
+                     f"{1000 * c['plain_s']:.1f}", f"{1000 * c['grad_l1_s']:.1f}", f"{c['ratio']:.2f}×",
+                     f"{1000 * c['fd_s']:.1f}", f"{c['fd_ratio']:.2f}×", verdict(c["fd_ratio"] <= 2.1),
+                     f"{c['load_avg_1min']:.1f}"])
+    out.append(common.markdown_table(["term", "threads", "plain ms", "exact ms", "exact ratio",
+                                      "finite-difference ms", "fd ratio", "fd ≤ 2.1×", "load avg"], rows))
+    out.append("\n## DKM 4-bit, one training step of Linear(n, n), batch 64, one thread\n")
+    out.append("Peak added memory: resident-set high-water mark of the measured step minus the resident set "
+               "before it (fresh subprocess per row). First step: palettizing the layer (initial k-means) + "
+               "one step. Targets: peak ≤ 3× the layer's fp32 bytes; step ≤ 200 ms at 1M weights; first "
+               "step ≤ 2 s at 4M weights.\n")
+    rows = []
+    for r in results["dkm"]:
+        if "skipped" in r:
+            rows.append([r["impl"], f"{r['n']}²", f"{r['fp32_mb']:.1f}", "-", "-", "-", "-", "-", r["skipped"]])
+            continue
+        checks = []
+        if r["impl"] == "ours":
+            checks.append(f"memory {verdict(r['peak_mb'] <= 3 * r['fp32_mb'])}")
+            if r["n"] == 1024:
+                checks.append(f"step {verdict(r['step_s'] <= 0.2)}")
+            if r["n"] == 2048:
+                checks.append(f"first step {verdict(r['first_step_s'] <= 2.0)}")
+        rows.append([r["impl"], f"{r['n']}²", f"{r['fp32_mb']:.1f}", f"{r['peak_mb']:.1f}",
+                     f"{r['peak_mb'] / r['fp32_mb']:.2f}×", f"{1000 * r['step_s']:.0f}", f"{r['first_step_s']:.2f}",
+                     f"{r['load_avg_1min']:.1f}", ", ".join(checks)])
+    out.append(common.markdown_table(["implementation", "layer", "fp32 MB", "peak added MB", "× fp32",
+                                      "step ms", "first step s", "load avg", "targets"], rows))
+    ours = {r["n"]: r for r in results["dkm"] if r["impl"] == "ours" and "skipped" not in r}
+    theirs = {r["n"]: r for r in results["dkm"] if r["impl"] == "coremltools" and "skipped" not in r}
+    for n in sorted(set(ours) & set(theirs)):
+        out.append(f"\n{n}²: coremltools / qready peak memory {theirs[n]['peak_mb'] / max(ours[n]['peak_mb'], 1e-9):.0f}×, "
+                   f"step time {theirs[n]['step_s'] / ours[n]['step_s']:.0f}×.")
+    demo = results["demo"]
+    out.append("\n\n## `qready demo` wall time (fresh process, two threads)\n")
+    if "skipped" in demo:
+        out.append(f"skipped: {demo['skipped']}\n")
+    else:
+        out.append(f"{demo['wall_s']:.1f} s (target ≤ 60 s: {verdict(demo['wall_s'] <= 60)}); load average "
+                   f"{demo['load_avg_before']:.1f} before, {demo['load_avg_1min']:.1f} after.\n")
+    p = results["ptq"]
+    out.append("\n## PTQ of MobileNetV2 (random init), 4-bit per-channel weights, 8-bit activations, "
+               "2 calibration batches of 8 x 3 x 224 x 224\n")
+    out.append(common.markdown_table(
+        ["range", "seconds", "× min-max", "load avg"],
+        [[r, f"{p['seconds'][r]:.2f}", f"{p['ratio_to_minmax'][r]:.2f}×", f"{p['load_avg_1min']:.1f}"] for r in RANGES]))
+    out.append(f"\nMSE ≤ 3× min-max: {verdict(p['ratio_to_minmax']['mse'] <= 3)}; "
+               f"percentile ≤ 3× min-max: {verdict(p['ratio_to_minmax']['percentile'] <= 3)}.")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--dkm-probe", nargs=3, metavar=("IMPL", "N", "REPEATS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dkm_probe:
+        impl, n, repeats = args.dkm_probe
+        print(json.dumps(dkm_probe(impl, int(n), int(repeats))))
+        return
+    torch.set_num_threads(1)
+    results = {"quick": args.quick}
+    results["grad_l1"] = []
+    for act_weight in (0.0, 0.01):
+        c = grad_l1.step_cost(5 if args.quick else 15, act_weight)
+        results["grad_l1"].append(c)
+        print(f"grad-l1 (act_weight={act_weight}): plain {1000 * c['plain_s']:.1f} ms, exact {c['ratio']:.2f}x, "
+              f"finite difference {c['fd_ratio']:.2f}x (load {c['load_avg_1min']:.1f})", flush=True)
+    results["dkm"] = dkm(args.quick)
+    results["demo"] = demo_wall()
+    results["ptq"] = ptq_times(1 if args.quick else 3)
+    paths = common.save_results("perf_quick" if args.quick else "perf", results, markdown(results))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -96,7 +96,7 @@ def test_exact_divide_and_conquer_matches_quadratic_dp() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"k": 0}, "k must be a positive int"),
+        ({"k": 0}, "k must be >= 1, got 0"),
         ({"k": 2, "method": "fast"}, "method must be one of"),
     ],
 )

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..quant.spec import WEIGHT_BITS, check_bits
 
 
@@ -39,8 +40,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     check_bits(bits, "bits", WEIGHT_BITS)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError("packed must be a 1-D uint8 tensor")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0; got {n!r}")
+    check_int("n", n, minimum=0)
     if packed.numel() != packed_size(n, bits):
         raise ValueError(f"{n} codes of {bits} bits take {packed_size(n, bits)} bytes; got {packed.numel()}")
     data = packed.cpu().numpy()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ..checks import check_float, check_int
 from ..quant.select import Selector, as_selector
 from ..registry import Registry
 
@@ -44,10 +45,8 @@ class Regularizer(nn.Module):
     def __init__(self, model: nn.Module, weight: float = DEFAULT_WEIGHT, select: Selector | dict | None = None,
                  start_epoch: int = 0) -> None:
         super().__init__()
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"regularizer weight must be a number >= 0; got {weight!r}")
-        if not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch must be an int >= 0; got {start_epoch!r}")
+        check_float("regularizer weight", weight, minimum=0.0)
+        check_int("start_epoch", start_epoch, minimum=0)
         self.weight = float(weight)
         self.start_epoch = start_epoch
         self.selector = as_selector(select)

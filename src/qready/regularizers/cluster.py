@@ -30,6 +30,7 @@ import math
 import torch
 from torch import nn
 
+from ..checks import check_float
 from ..quant.palettize.codebook import nearest
 from ..quant.palettize.kmeans import kmeans1d_centroids
 from ..quant.select import Selector
@@ -76,8 +77,7 @@ class ClusterRegularizer(Regularizer):
         for flag, value in (("soft", soft), ("normalize", normalize)):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be a bool; got {value!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0; got {temperature!r}")
+        check_float("temperature", temperature, minimum=0.0, exclusive=True)
         self.soft, self.normalize = soft, normalize
         self.relative_temperature = float(temperature)
         self.reps = nn.ParameterDict()

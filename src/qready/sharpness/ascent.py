@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_int
+
 
 def check_rho(rho: object, name: str = "rho") -> float:
     """``rho`` as a float; raises ValueError unless it is a finite number >= 0."""
@@ -83,8 +85,7 @@ class RhoSchedule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rho", check_rho(self.rho, "RhoSchedule.rho"))
         w = self.warmup_epochs
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"RhoSchedule.warmup_epochs must be an integer >= 0; got {w!r}")
+        check_int("RhoSchedule.warmup_epochs", w, minimum=0)
 
     def __call__(self, epoch: int) -> float:
         return 0.0 if epoch < self.warmup_epochs else self.rho

@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ...checks import check_int
+
 KMeansMethod = Literal["auto", "exact", "lloyd"]
 KMEANS_METHODS: tuple[str, ...] = ("auto", "exact", "lloyd")
 EXACT_BUDGET = 1 << 18
@@ -38,8 +40,7 @@ def _check(values: torch.Tensor, k: object, method: str) -> None:
         raise TypeError(f"values must be a floating-point tensor; got {type(values).__name__}")
     if values.numel() == 0:
         raise ValueError("values must not be empty")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    check_int("k", k, minimum=1)
     if method not in KMEANS_METHODS:
         raise ValueError(f"method must be one of {list(KMEANS_METHODS)}; got {method!r}")
     if not torch.isfinite(values).all():

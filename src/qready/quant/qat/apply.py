@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ...checks import check_float, check_int
 from ..activations import ATTR, attach_input_module
 from ..calibrate import run_batches
 from ..layers import out_axis, takes_index_inputs
@@ -50,12 +51,9 @@ def _check_options(method: str, w_bits: int | None, a_bits: int | None, first_la
         raise ValueError(f"w_granularity must be None, 'tensor' or 'channel'; got {w_granularity!r}")
     if range not in RANGE_METHODS:
         raise ValueError(f"range must be one of {list(RANGE_METHODS)}; got {range!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or delta < 0:
-        raise ValueError(f"delta must be a number >= 0; got {delta!r}")
-    if isinstance(calib_batches, bool) or not isinstance(calib_batches, int) or calib_batches < 1:
-        raise ValueError(f"calib_batches must be a positive int; got {calib_batches!r}")
+    check_float("momentum", momentum, minimum=0.0, maximum=1.0)
+    check_float("delta", delta, minimum=0.0)
+    check_int("calib_batches", calib_batches, minimum=1)
 
 
 def _has_qat_weight(module: nn.Module) -> bool:
@@ -242,10 +240,8 @@ def qat_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> 
     Pass it as ``fit(..., param_groups=...)``, or append it to your own optimizer's groups (and leave
     the quantizer parameters out of the model's group).
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"lr must be a number > 0; got {lr!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a number >= 0; got {weight_decay!r}")
+    check_float("lr", lr, minimum=0.0, exclusive=True)
+    check_float("weight_decay", weight_decay, minimum=0.0)
     if not qat_modules(model):
         raise ValueError(f"{type(model).__name__} has no QAT quantizers (prepare it with prepare_qat)")
     params = quantizer_parameters(model)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...batching import batch_inputs, batch_targets, forward, model_device, move_inputs, output_tensor
+from ...checks import check_int
 from .apply import train_mode_kept
 from .quantizers import EWGSMixin
 
@@ -105,8 +106,7 @@ def estimate_ewgs_deltas(
     named = ewgs_quantizers(model)
     if not named:
         raise ValueError(f"{type(model).__name__} has no EWGS quantizers (prepare_qat(method='ewgs'))")
-    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-        raise ValueError(f"max_batches must be a positive int; got {max_batches!r}")
+    check_int("max_batches", max_batches, minimum=1)
     loss_fn = loss_fn or F.cross_entropy
     quantizers = [q for _, q in named]
     device = model_device(model)
@@ -151,8 +151,7 @@ class EWGSDeltaUpdater:
 
     def __init__(self, batches: Iterable, loss_fn: Callable | None = None, *, max_batches: int = 3,
                  samples: int = 8, every: int = 1, seed: int = 0) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int; got {every!r}")
+        check_int("every", every, minimum=1)
         self.batches = batches
         self.loss_fn = loss_fn
         self.max_batches = max_batches

@@ -65,17 +65,29 @@ def test_zoo_cnn_grouped_palette_and_ios16_per_tensor(cnn, tmp_path):
     assert checked and all(v == {"kind": "lut", "bits": 4} for v in checked.values())
 
 
-@pytest.mark.parametrize("spec, target", [
-    (QuantSpec(bits=4, granularity="channel"), "iOS18"),
-    (QuantSpec(bits=8, granularity="tensor", symmetric=False), "iOS18"),
-    (QuantSpec(bits=8, granularity="channel", symmetric=False), "iOS17"),
-], ids=["W4-channel", "W8-tensor-asym", "W8-channel-asym-iOS17"])
-def test_zoo_cnn_linear_codes(cnn, spec, target, tmp_path):
-    model, x = cnn
-    qmodel = ptq(model, spec)
-    path = export_coreml(qmodel, x, tmp_path / "q.mlpackage", spec=spec, minimum_deployment_target=target)
-    checked = verify_coreml(qmodel, path, spec=spec)
-    assert len(checked) == 8 and all(v == {"kind": "linear", "bits": spec.bits} for v in checked.values())
+EDGES_8 = {"first_last": 8}  # first and last layers at 8 bits, the others at the spec's 4: both widths per file
+
+
+@pytest.mark.parametrize("granularity, symmetric, target", [
+    ("channel", True, "iOS18"), ("channel", False, "iOS18"), ("tensor", True, "iOS18"), ("tensor", False, "iOS18"),
+    ("group", True, "iOS18"), ("group", False, "iOS18"), ("channel", False, "iOS17"),
+])
+def test_linear_codes_every_width_and_granularity(cnn, granularity, symmetric, target, tmp_path):
+    if granularity == "group":  # blocks of 32 input features (a conv's 3x3 kernels do not tile 32)
+        torch.manual_seed(4)
+        model, x = create_model("mlp", in_features=64, hidden=(96, 64), num_classes=32).eval(), torch.randn(1, 64)
+    else:
+        model, x = cnn
+    spec = QuantSpec(bits=8 if target == "iOS17" else 4, granularity=granularity, symmetric=symmetric,
+                     group_size=32 if granularity == "group" else None)
+    select = None if target == "iOS17" else EDGES_8
+    qmodel = ptq(model, spec, select=select)
+    path = export_coreml(qmodel, x, tmp_path / "q.mlpackage", spec=spec, select=select,
+                         minimum_deployment_target=target)
+    checked = verify_coreml(qmodel, path, spec=spec, select=select)
+    bits = [v["bits"] for v in checked.values()]
+    assert {v["kind"] for v in checked.values()} == {"linear"}
+    assert bits == [8] * len(bits) if target == "iOS17" else (bits[0], bits[-1], set(bits[1:-1])) == (8, 8, {4})
 
 
 def test_per_block_codes_and_float16(tmp_path):

@@ -2,7 +2,7 @@
 
 One spawn runs every scenario (plain training with gradient clipping, each registered regularizer,
 a loss-dependent learnable term, a NaN on one rank only, label-free distillation with a range
-regularizer, an interrupted-and-resumed run); the parent
+regularizer, ``({"x": inputs}, targets)`` dict batches, an interrupted-and-resumed run); the parent
 then trains each scenario in a single process on the union of the two ranks' batches and compares.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from qready.data import load_dataset, make_loaders
 from qready.models import create_model
@@ -30,7 +30,7 @@ SEED = 0
 BATCH = 64  # the global batch: 32 per process
 CFG = TrainConfig(epochs=3, batch_size=BATCH, optimizer="adam", lr=0.01, schedule="cosine", grad_clip=1.0)
 REG_OPTIONS = {"grad_l1": {"act_weight": 0.05}, "cluster": {"bits": 2}}
-SCENARIOS = ["plain", "loss_scale", "no_sync", "nan_on_one_rank", "distill", *list_regularizers()]
+SCENARIOS = ["plain", "loss_scale", "no_sync", "nan_on_one_rank", "distill", "dict_batches", *list_regularizers()]
 
 
 class LossScale(nn.Module):
@@ -86,7 +86,7 @@ def _model() -> nn.Module:
 
 
 def _terms(name: str, model: nn.Module) -> list:
-    if name == "plain":
+    if name in ("plain", "dict_batches"):
         return []
     if name in ("loss_scale", "no_sync"):
         return [LossScale()]
@@ -97,7 +97,14 @@ def _terms(name: str, model: nn.Module) -> list:
     return [build(name, model, weight=0.05, **REG_OPTIONS.get(name, {}))]
 
 
+def _as_dict(samples: list) -> tuple[dict, torch.Tensor]:
+    x, y = default_collate(samples)
+    return {"x": x}, y  # model keyword arguments: the MLP's forward(x)
+
+
 def _train(name: str, loader, **kwargs) -> dict:
+    if name == "dict_batches":  # the same batches, as (dict, targets)
+        loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=_as_dict)
     model = _model()
     objective = Distill(model) if name == "distill" else None  # the teacher is not wrapped in DDP
     terms = _terms(name, model)

@@ -216,7 +216,8 @@ class GradL1(Regularizer):
 
         ``closure()`` runs forward + backward of the loss at the current weights and returns it (it is
         called again at the perturbed point); ``model`` is the unwrapped module. The gradients are zeroed
-        first; ``before_update()`` (e.g. gradient clipping) runs before ``optimizer.step()``.
+        first; ``before_update()`` (e.g. gradient clipping) runs before ``optimizer.step()``. The penalty
+        is always applied: for ``start_epoch``/``last_epochs`` check :meth:`active` in your loop.
         """
         if self.mode != "finite_difference":
             raise RuntimeError("GradL1.step is the finite-difference mode's update; in mode='exact' add "

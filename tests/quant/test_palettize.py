@@ -105,7 +105,7 @@ def test_dkm_fine_tuning_through_fit_keeps_accuracy() -> None:
         ({"bits": 5, "method": "dkm"}, r"bits \(method='dkm'\) must be one of \[1, 2, 3, 4\]"),
         ({"bits": 9, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ({"bits": 0, "method": "kmeans"}, r"must be one of \[1, 2, 3, 4, 5, 6, 7, 8\]"),
-        ({"bits": 2, "method": "lloyd"}, "unknown palettization method 'lloyd'; valid names: cluster, dkm, kmeans"),
+        ({"bits": 2, "method": "lloyd"}, "unknown palettization method 'lloyd'; valid names: cluster, dkm, gptq, kmeans"),
         ({"bits": 2, "method": "kmeans", "granularity": "row"}, "granularity must be one of"),
         ({"bits": 2, "method": "kmeans", "granularity": "group"}, r"group_size \(with granularity='group'\) must be an integer"),
         ({"bits": 2, "method": "kmeans", "group_size": 4}, "only used with granularity='group'"),

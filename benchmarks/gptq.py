@@ -43,6 +43,8 @@ METHODS: dict[str, dict] = {
     "gptq + bias corr.": {"method": "gptq", "bias_correction": True},
 }
 ZOO_BITS = ("W4", "W3", "W2", "W4A8")
+ZOO_METHODS = ("rtn", "gptq", "gptq act-order", "gptq + bias corr.")
+ZOO_R2_METHODS = ("rtn", "gptq", "gptq + bias corr.")
 R2 = ("soft_min_max", 0.1)
 ACT = QuantSpec(bits=8, symmetric=False, granularity="tensor")
 NAME = "gptq"  # results file; "gptq_quick" for --quick runs
@@ -110,7 +112,8 @@ def zoo(seeds: list[int], quick: bool) -> dict:
                     model, _ = train(setup, seed, model=fresh, loss_terms=[build(R2[0], fresh, weight=R2[1])],
                                      epochs=epochs)
                 cells = res.setdefault(config, {"acc": {}, "time": {}})
-                for label, kwargs in METHODS.items():
+                for label in ZOO_METHODS if config == "plain" else ZOO_R2_METHODS:
+                    kwargs = METHODS[label]
                     opts = {k: v for k, v in kwargs.items() if k not in ("method", "bias_correction")}
                     rows = sweep(model, test_loader, bits=list(ZOO_BITS), spec=QuantSpec(bits=8), act_spec=ACT,
                                  calib=calib, calib_batches=8, method=kwargs["method"],

@@ -100,10 +100,10 @@ def test_bad_inputs_are_clear():
     model = _net()
     with pytest.raises(ValueError, match="calib"):
         ptq(model, QuantSpec(bits=4), act_spec=QuantSpec(bits=8, granularity="tensor"))
-    with pytest.raises(ValueError, match="per tensor"):
-        ptq(model, QuantSpec(bits=4), calib=_batches(), act_spec=QuantSpec(bits=8))
+    per_channel = ptq(model, QuantSpec(bits=4), calib=_batches(), act_spec=QuantSpec(bits=8))
+    assert {q.spec.granularity for q in input_quantizers(per_channel)} == {"tensor"}  # activations: per tensor
     with pytest.raises(TypeError, match="QuantSpec"):
-        ptq(model, 4)
+        ptq(model, "4")  # an int bit width is shorthand, a string is not
     with pytest.raises(ValueError, match="nothing to quantize"):
         ptq(nn.Sequential(nn.ReLU()), QuantSpec(bits=4))
     broken = _net()

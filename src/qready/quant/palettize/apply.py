@@ -1,6 +1,6 @@
 """Palettization: every selected weight becomes ``2^b`` representatives (a LUT) and ``b``-bit indices.
 
-Three methods, one entry point (:func:`palettize`):
+Four methods, one entry point (:func:`palettize`):
 
 * ``"kmeans"``: post-training; the 1-D k-means of each layer (or LUT group) and a snap to it. 1-8 bits.
 * ``"dkm"``: training-time; a :class:`~qready.quant.palettize.dkm.DKMWeight` parametrization is attached to each
@@ -9,6 +9,8 @@ Three methods, one entry point (:func:`palettize`):
   1-4 bits.
 * ``"cluster"``: snaps each layer onto the learned representatives of a trained ``cluster``
   regularizer (:mod:`qready.regularizers.cluster`). 1-8 bits.
+* ``"gptq"``: post-training; the ``"kmeans"`` LUTs, then GPTQ's error-compensating snap on calibration
+  batches (``calib=``; :mod:`qready.quant.palettize.gptq`). 1-8 bits.
 
 After ``"kmeans"``/``"cluster"`` or :func:`finalize_palettized` each layer has at most ``2^b``
 distinct values per LUT group, which :func:`qready.export.save_packed` stores as indices + LUT.
@@ -80,7 +82,8 @@ def palettize(
         model: any ``nn.Module``.
         bits: index bits ``b`` (``2^b`` representatives per LUT): 1-4 for ``"dkm"``, 1-8 otherwise.
         method: a name of :data:`PALETTIZERS` -- ``"dkm"`` (attach DKM; train; :func:`finalize_palettized`),
-            ``"kmeans"`` (post-training) or ``"cluster"`` (snap onto ``reg``'s learned representatives) --
+            ``"kmeans"`` (post-training), ``"gptq"`` (post-training, k-means LUTs with error feedback on
+            ``calib``) or ``"cluster"`` (snap onto ``reg``'s learned representatives) --
             or a :class:`Palettizer` object.
         select: which modules (a :class:`Selector` or its keyword arguments); an int ``first_last``
             palettizes the first/last layer at that many bits. Not used with ``"cluster"``.
@@ -90,7 +93,8 @@ def palettize(
         inplace: modify ``model`` itself.
         options: the method's own options (its dataclass fields), e.g. ``tau``, ``iters``, ``impl``,
             ``chunk``, ``kmeans_method`` for ``"dkm"``; ``kmeans_method`` for ``"kmeans"``; ``reg`` for
-            ``"cluster"``.
+            ``"cluster"``; ``calib``, ``calib_batches``, ``damp``, ``block_size``, ``act_order``,
+            ``sequential``, ``kmeans_method`` for ``"gptq"``.
     Returns:
         the palettized model (for ``"dkm"``: with parametrizations attached, to be trained).
 

@@ -4,6 +4,8 @@ the model that prepare_mixed / ptq_mixed build."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -19,9 +21,10 @@ SHAPE = (16,)
 LAYERS = ("0", "2", "4")
 
 
+@functools.cache
 def trained_mlp(seed: int = 0) -> tuple[nn.Module, DataLoader]:
-    """16 -> 24 -> 10 -> 4 MLP (MACs 384, 240, 40: no two configurations of bits {2,3,4} tie in BOPs
-    at the budgets used here), trained briefly on a random linear teacher."""
+    """16 -> 24 -> 10 -> 4 MLP (MACs 384, 240, 40), trained briefly on a random linear teacher (cached:
+    nothing here modifies it)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 16, generator=g)
     y = (x @ torch.randn(16, 4, generator=g)).argmax(dim=1)
@@ -43,7 +46,7 @@ def test_large_beta_drives_the_policy_to_the_only_feasible_configuration(policy:
     wanted = dict.fromkeys(LAYERS, 2)
     target = bops(model, SHAPE, wanted, 32).total
     result = search_mixed_precision(model, loader, SHAPE, target, search="reinforce", bits=(2, 3, 4), a_bits=None,
-                                    lam=1e4, batches=1, policy=policy, steps=60, final=8)
+                                    lam=1e4, batches=1, policy=policy, steps=80, samples=4, final=8)
     assert result.config == wanted and result.bops == target
     assert all(result.probabilities[n][2] > 0.9 for n in LAYERS)
     assert result.history[-1]["reward"] > result.history[0]["reward"]
@@ -67,7 +70,7 @@ def test_every_returned_configuration_fits_the_budget(policy: str, lam: float) -
 
 
 def test_the_same_seed_gives_the_same_search() -> None:
-    model, loader = trained_mlp(2)
+    model, loader = trained_mlp(1)
     target = bops(model, SHAPE, 3, 3).total
     options = dict(search="reinforce", bits=(2, 3, 4), batches=1, policy="lstm", steps=10, samples=4, final=4)
     a, b = (search_mixed_precision(model, loader, SHAPE, target, seed=5, **options) for _ in range(2))
@@ -120,7 +123,7 @@ def test_the_weight_only_supernet_evaluates_exactly_the_ptq_mixed_model() -> Non
 
 
 def test_label_free_search_on_unlabeled_batches() -> None:
-    model, loader = trained_mlp(3)
+    model, loader = trained_mlp(0)
     unlabeled = [x for x, _ in loader]
     target = bops(model, SHAPE, 3, 32).total
     for search in ("sensitivity", "reinforce"):
@@ -140,7 +143,7 @@ def test_kl_to_teacher_matches_the_definition() -> None:
 
 
 def test_bad_search_arguments_name_the_valid_values() -> None:
-    model, loader = trained_mlp(4)
+    model, loader = trained_mlp(0)
     target = bops(model, SHAPE, 3, 3).total
     with pytest.raises(UnknownNameError, match="reinforce, sensitivity"):
         search_mixed_precision(model, loader, SHAPE, target, search="evolution")
@@ -162,7 +165,7 @@ def test_the_compress_stage_searches_mixed_precision_and_writes_the_evidence(tmp
     from qready.recipe import CompressConfig
     from qready.train import TrainConfig
 
-    model, loader = trained_mlp(5)
+    model, loader = trained_mlp(1)
     block = CompressConfig(method="lsq", w_bits=3, a_bits=3, epochs=1, options={
         "mixed": {"search": "reinforce", "bits": [2, 3, 4], "batches": 1, "steps": 5, "samples": 4}})
     out = compress_model(model, block, loader, TrainConfig(epochs=1, lr=1e-3), {"run_dir": tmp_path, "progress": False})
@@ -174,3 +177,20 @@ def test_the_compress_stage_searches_mixed_precision_and_writes_the_evidence(tmp
     assert "policy probability" in (tmp_path / "mixed_precision.md").read_text()
     for name, b in summary["config"].items():
         assert out.get_submodule(name).input_quantizer.spec.bits == b
+
+
+def test_the_sensitivity_evidence_table_and_the_frontier_plot(tmp_path) -> None:
+    from qready.sharpness.bops import layer_macs
+    from qready.sharpness.mixed_report import layer_table, plot_frontier
+
+    model, loader = trained_mlp(0)
+    target = bops(model, SHAPE, 3, 32).total
+    result = search_mixed_precision(model, loader, SHAPE, target, bits=(2, 3, 4), a_bits=None, batches=1)
+    summary = result.to_dict(layer_macs(model, SHAPE), a_bits=None)
+    assert [r["bops"] for r in summary["layers"]] == [r.bops for r in bops(model, SHAPE, result.config, 32).layers]
+    table = layer_table(summary)
+    assert "Δ loss per bit width" in table and all(f"| {n} |" in table for n in LAYERS)
+    points = [{"method": m, "bops": b, "value": v} for m, b, v in
+              (("uniform", 1e6, 90.0), ("uniform", 2e6, 95.0), ("sensitivity", 1.5e6, 93.0), ("reinforce", 1.4e6, 94.0))]
+    path = plot_frontier({"toy": points}, tmp_path / "frontier.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

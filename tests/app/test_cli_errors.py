@@ -139,3 +139,10 @@ def test_a_corrupt_cifar_batch_names_the_file(tmp_path, capsys) -> None:
     recipe.write_text(yaml.safe_dump({"name": "c", "model": {"name": "resnet20"},
                                       "data": {"name": "cifar10", "root": str(tmp_path)}, "train": {"epochs": 1}}))
     _fails(capsys, ["train", str(recipe), "--out", str(tmp_path / "run")], str(folder / "data_batch_1"))
+
+
+def test_run_with_an_unknown_model_argument_creates_nothing(tmp_path, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "model": {"name": "dwcnn", "args": {"depth": 3}}}))
+    _fails(capsys, ["run", str(recipe), "--out", str(tmp_path / "run")], "model.args", "'depth'")
+    assert not (tmp_path / "run").exists()

@@ -200,6 +200,10 @@ def run_recipe(source: str | Path | dict, run_dir: Path | None = None, *, force:
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping at the top level")
     experiments = expand_grid(data)  # validates every grid point before any work
+    from .stages import check_model_args
+
+    for exp in experiments:
+        check_model_args(exp.recipe)
     base = experiments[0].recipe
     root = run_dir or Path(base.output_dir) / base.name
     with run_lock(root):  # one `qready run` per directory; finished stages are kept (cached)

@@ -85,6 +85,50 @@ def test_hugging_face_bert_layer(tmp_path):
     assert stored.block_size == 32 and stored.arrays["raw"]["scales"].shape == (128, 2)
 
 
+class _Block(nn.Module):
+    """A Hugging Face block returning its hidden states (the first output when it returns a tuple)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def test_hugging_face_gpt2_block_conv1d(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = transformers.GPT2Config(n_embd=64, n_head=4, n_inner=128)
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    block = _Block(GPT2Block(config)).eval()
+    spec = QuantSpec(bits=4, granularity="group", group_size=32)
+    qblock = ptq(block, spec)
+    x = torch.randn(2, 5, 64)
+    path = export_onnx(qblock, x, tmp_path / "gpt2.onnx", spec=spec, weights_only=True)
+    result = verify_onnx(qblock, path, x, spec=spec)  # Conv1D weights are [K, N]: stored transposed as [N, K]
+    assert list(result["layers"].values()) == ["matmul_nbits"] * 4  # c_attn, attention c_proj, c_fc, mlp c_proj
+    assert result["max_rel_error"] <= REL_TOL
+
+
+def test_square_weights_stored_transposed_are_read_back(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    config = transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    config._attn_implementation = "eager"
+    torch.manual_seed(6)
+    qlayer = ptq(BertLayer(config).eval(), QuantSpec(bits=8))
+    x = torch.randn(1, 4, 32)
+    path = export_onnx(qlayer, x, tmp_path / "qdq.onnx")  # Q/DQ: MatMul reads W^T, 32 x 32 for q, k, v, output
+    stored = read_onnx(path)["attention.self.query.weight"]
+    assert stored.outputs_first is False and stored.values.shape == (32, 32)
+    assert set(verify_onnx(qlayer, path)["layers"].values()) == {"qdq"}  # bit for bit, in the torch layout
+
+
 def test_palettized_linear_keeps_the_exact_lut(mlp, tmp_path):
     model, x = mlp
     pmodel = palettize(model, bits=3, method="kmeans")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..quant.layers import out_axis
 from ..quant.select import Selector, as_selector
 from ..quant.spec import QuantSpec
 
@@ -45,6 +46,7 @@ class StoredWeight:
     arrays: dict[str, np.ndarray]
     values: np.ndarray
     block_size: int | None = None
+    outputs_first: bool | None = None  # a matmul weight stored [N, K] (True) or [K, N] (False); None: other
 
 
 def _expand(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -202,7 +204,7 @@ def _decode_nbits(key: str, node: Any, tensors: dict[str, np.ndarray]) -> Stored
     if len(node.input) > 3 and node.input[3]:
         raw["zero_points"] = tensors[node.input[3]]
     return StoredWeight(key, "matmul_nbits", bits, {"codes": u[:, :k], "zero_values": zero, "raw": raw},
-                        values, block)
+                        values, block, outputs_first=True)
 
 
 def read_onnx(path: str | os.PathLike) -> dict[str, StoredWeight]:
@@ -235,7 +237,21 @@ def read_onnx(path: str | os.PathLike) -> dict[str, StoredWeight]:
             out[key] = StoredWeight(key, "lut", 8, {"indices": indices, "lut": lut}, lut[flat])
         else:
             raise ValueError(f"{path}: cannot find how {key!r} is stored")
+        if out[key].outputs_first is None:
+            out[key].outputs_first = _matmul_orientation(proto, name)
     return out
+
+
+def _matmul_orientation(proto: Any, name: str) -> bool | None:
+    """For a tensor read as the right-hand side of a MatMul/Gemm: stored ``[N, K]`` (True) or ``[K, N]``."""
+    from onnx import helper
+
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] == name:
+            return False
+        if node.op_type == "Gemm" and node.input[1] == name:
+            return any(a.name == "transB" and helper.get_attribute_value(a) for a in node.attribute)
+    return None
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -264,12 +280,16 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             raise ValueError(f"{path} holds {key!r}, which select= does not select")
         item = weights[key]
         w = item.module.weight.detach().float().numpy()
-        values = got.values.T if got.values.shape != w.shape and w.ndim == 2 else got.values
+        values = got.values
+        if got.outputs_first is not None and got.outputs_first != ((out_axis(item.module) or 0) == 0):
+            values = values.T  # a Linear weight is [N, K]; a Hugging Face Conv1D weight is [K, N]
         if not np.array_equal(values, w):
             raise _mismatch("decoded values", key)
         if got.kind == "matmul_nbits" and spec is not None:
             layer_spec = spec if item.bits_override is None else spec.with_bits(item.bits_override)
-            ours = nbits_weight(key, item.name, torch.from_numpy(w), layer_spec, got.block_size)
+            rows = w if (out_axis(item.module) or 0) == 0 else w.T
+            ours = nbits_weight(key, item.name, torch.from_numpy(np.ascontiguousarray(rows)),
+                                replace(layer_spec, axis=0), got.block_size)
             raw = got.arrays["raw"]
             if ours is None or ours.arrays.keys() != raw.keys() or not all(
                     np.array_equal(ours.arrays[part], raw[part]) for part in raw):

@@ -287,8 +287,10 @@ def _find_initializer(graph: Any, enc: _WeightEncoding, numpy_helper: Any) -> tu
     """The initializer holding ``enc``'s weight and whether it is stored transposed (2-D MatMul)."""
     by_name = {init.name: init for init in graph.initializer}
     for name in (enc.key, f"{_Traced.PREFIX}{enc.key}"):
-        if name in by_name:
-            return by_name[name], False
+        if name in by_name:  # transposed: a weight encoded as [N, K] whose layer holds [K, N] (HF Conv1D)
+            init = by_name[name]
+            same = tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value)
+            return init, not same and enc.value.ndim == 2
     for init in graph.initializer:
         if tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value):
             return init, False

@@ -2,7 +2,8 @@
 
 Used by :func:`qready.export.export_onnx` with ``weights_only=True``:
 
-* **Linear** weights on the spec's grid with 2, 4 or 8 bits become one ``MatMulNBits`` node
+* **Linear** weights (and Hugging Face ``Conv1D``, whose ``[K, N]`` weight is transposed) on the spec's
+  grid with 2, 4 or 8 bits become one ``MatMulNBits`` node
   (``com.microsoft`` domain, ONNX Runtime's weight-only kernel) in place of the ``Gemm``/``MatMul``:
   ``B`` uint8 ``[N, K/block, block·bits/8]`` holds qready's codes as unsigned ``u = code - zero point + z``
   (``z = 2^(bits-1)`` for a symmetric grid, whose zero points are then omitted: ORT's default; the
@@ -20,7 +21,7 @@ A Linear bit width ``MatMulNBits`` lacks (1, 3, 5, 6, 7) is refused with the nea
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -138,15 +139,17 @@ def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, o
         w = item.module.weight.detach().float().cpu()
         w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
         enc = None
-        if isinstance(item.module, nn.Linear):
-            enc = nbits_weight(key, item.name, w, w_spec, block_size)
+        axis = out_axis(item.module) or 0
+        if isinstance(item.module, nn.Linear) or (w.dim() == 2 and axis == 1):  # Linear [N, K]; HF Conv1D [K, N]
+            rows = w if axis == 0 else w.T.contiguous()
+            enc = nbits_weight(key, item.name, rows, replace(w_spec, axis=0), block_size)
             if enc is not None:
                 nbits.append(enc)
                 labels[key] = enc.label
                 continue
         elif w_spec.granularity != "group":
             enc = _qdq_weight(key, w, w_spec, opset, allow_small=False)
-        enc = enc or _lut_weight(key, w, out_axis(item.module) or 0)
+        enc = enc or _lut_weight(key, w, axis)
         if enc is None:
             log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
                         item.name, w_spec.bits)

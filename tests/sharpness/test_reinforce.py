@@ -194,3 +194,14 @@ def test_the_sensitivity_evidence_table_and_the_frontier_plot(tmp_path) -> None:
               (("uniform", 1e6, 90.0), ("uniform", 2e6, 95.0), ("sensitivity", 1.5e6, 93.0), ("reinforce", 1.4e6, 94.0))]
     path = plot_frontier({"toy": points}, tmp_path / "frontier.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ptq_mixed_with_gptq_gives_each_layer_its_grid() -> None:
+    model, loader = trained_mlp(0)
+    config = {"0": 2, "2": 4, "4": 3}
+    qmodel = ptq_mixed(model, config, calib=loader, method="gptq")
+    for name, b in config.items():
+        w = qmodel.get_submodule(name).weight
+        assert max(len(torch.unique(row)) for row in w) <= 2 ** b  # per channel: at most 2^b levels
+    rtn = ptq_mixed(model, config)
+    assert any(not torch.equal(qmodel.get_submodule(n).weight, rtn.get_submodule(n).weight) for n in config)

@@ -174,17 +174,20 @@ def _check_config(model: nn.Module, config: Mapping[str, int]) -> None:
         raise ValueError(f"config names modules that {type(model).__name__} does not have: {unknown}")
 
 
-def ptq_mixed(model: nn.Module, config: Mapping[str, int], spec: QuantSpec | None = None) -> nn.Module:
+def ptq_mixed(model: nn.Module, config: Mapping[str, int], spec: QuantSpec | None = None, calib: Iterable | None = None,
+              **ptq_options) -> nn.Module:
     """Weight-only post-training quantization with per-layer bit widths: a quantized copy of ``model``
     whose layer ``n`` has its weights on the ``config[n]``-bit grid of ``spec`` (default: symmetric,
-    per channel, MSE range -- the STE quantizer with ``range="mse"``). Layers not in
-    ``config`` stay float."""
+    per channel, MSE range -- the STE quantizer with ``range="mse"``). Layers not in ``config`` stay
+    float. One :func:`~qready.quant.ptq` pass per bit width, each on the layers that have it (so
+    ``calib`` and ``ptq_options`` such as ``method="gptq"`` apply group by group, later groups seeing the
+    earlier ones quantized)."""
     _check_config(model, config)
     spec = spec or QuantSpec(bits=8, granularity="channel", range="mse")
     out = model
     for b in sorted(set(config.values())):
         group = sorted(n for n, v in config.items() if v == b)
-        out = ptq(out, replace(spec, bits=b), select=Selector(include=exact_names(group)))
+        out = ptq(out, replace(spec, bits=b), calib, select=Selector(include=exact_names(group)), **ptq_options)
     return out
 
 

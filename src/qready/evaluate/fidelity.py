@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import Inputs, forward, model_device, move_inputs, output_tensor, split_batch
+from ..checks import check_float
 
 DEFAULT_CONFIDENCE = 0.5
 FIDELITY_KEYS: tuple[str, ...] = ("agreement", "agreement_confident", "confident_n", "kl", "sqnr_db", "cosine")
@@ -51,9 +52,7 @@ def softmax_kl(reference: torch.Tensor, other: torch.Tensor, temperature: float 
 
 
 def _check_confidence(confidence: float) -> float:
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
-        raise ValueError(f"confidence must be a probability in [0, 1]; got {confidence!r}")
-    return float(confidence)
+    return check_float("confidence (a probability)", confidence, minimum=0.0, maximum=1.0)
 
 
 class FidelityMeter:

@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Sequence
 
 from torch import nn
+
+from ..checks import check_float, check_int
 
 STEMS = ("imagenet", "cifar")
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def check_width_mult(value: object) -> float:
     """Return ``width_mult`` as a float if it is finite and > 0, else raise ``ValueError``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"width_mult must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise ``ValueError`` listing them."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value  # type: ignore[return-value]
+    return check_float("width_mult", value, minimum=0.0, maximum=math.inf, exclusive=True)
 
 
 def check_common(num_classes: object, in_channels: object) -> None:
     """Validate the two constructor arguments shared by every model."""
-    check_positive_int("num_classes", num_classes)
-    check_positive_int("in_channels", in_channels)
+    check_int("num_classes", num_classes, minimum=1)
+    check_int("in_channels", in_channels, minimum=1)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:

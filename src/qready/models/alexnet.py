@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common, check_positive_int, init_weights
+from ..checks import check_int
+from ._common import check_common, init_weights
 from .registry import MODELS
 
 
@@ -36,7 +37,7 @@ class AlexNet(nn.Module):
     ) -> None:
         super().__init__()
         check_common(num_classes, in_channels)
-        check_positive_int("hidden", hidden)
+        check_int("hidden", hidden, minimum=1)
         if not isinstance(batch_norm, bool):
             raise ValueError(f"batch_norm must be True or False, got {batch_norm!r}")
         if not 0.0 <= dropout < 1.0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common, check_positive_int, conv_bn_act, init_weights
+from ..checks import check_int
+from ._common import check_common, conv_bn_act, init_weights
 from .registry import MODELS
 
 
@@ -29,7 +30,7 @@ class DWCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
         check_common(num_classes, in_channels)
-        check_positive_int("width", width)
+        check_int("width", width, minimum=1)
         self.features = nn.Sequential(
             conv_bn_act(in_channels, width, 3),
             dw_separable(width, width),
@@ -66,7 +67,7 @@ class CNN1D(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
         check_common(num_classes, in_channels)
-        check_positive_int("width", width)
+        check_int("width", width, minimum=1)
         self.in_channels = in_channels
         self.features = nn.Sequential(
             conv1d_bn_relu(in_channels, width),

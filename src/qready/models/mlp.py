@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import check_positive_int, init_weights
+from ..checks import check_int
+from ._common import init_weights
 from .registry import MODELS
 
 
@@ -21,12 +22,12 @@ class MLP(nn.Module):
         self, in_features: int = 64, hidden: Sequence[int] = (128, 64), num_classes: int = 10
     ) -> None:
         super().__init__()
-        check_positive_int("in_features", in_features)
-        check_positive_int("num_classes", num_classes)
+        check_int("in_features", in_features, minimum=1)
+        check_int("num_classes", num_classes, minimum=1)
         if isinstance(hidden, int) or not isinstance(hidden, Sequence):
             raise ValueError(f"hidden must be a tuple of integers >= 1, got {hidden!r}")
         for i, h in enumerate(hidden):
-            check_positive_int(f"hidden[{i}]", h)
+            check_int(f"hidden[{i}]", h, minimum=1)
         self.in_features = in_features
         self.hidden = tuple(hidden)
         layers: list[nn.Module] = [nn.Flatten()]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_choice
 from ._common import (
     STEMS,
-    check_choice,
     check_common,
     check_width_mult,
     conv_bn_act,

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import STEMS, check_choice, check_common, init_weights
+from ..checks import check_choice
+from ._common import STEMS, check_common, init_weights
 from .registry import MODELS
 
 

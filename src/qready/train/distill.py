@@ -20,6 +20,7 @@ embedding). Batches may take any form of :mod:`qready.batching`; targets, when p
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..batching import Inputs, model_device
+from ..checks import check_float
 from ..evaluate.fidelity import OutputFn, model_output, softmax_kl
 
 DISTILL_LOSSES: tuple[str, ...] = ("kl", "mse", "cosine")
@@ -103,8 +105,7 @@ class Distill:
                  output_fn: OutputFn | None = None) -> None:
         if loss not in DISTILL_LOSSES:
             raise ValueError(f"Distill: loss must be one of {list(DISTILL_LOSSES)}; got {loss!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-            raise ValueError(f"Distill: temperature must be a finite number > 0; got {temperature!r}")
+        check_float("Distill: temperature", temperature, minimum=0.0, maximum=math.inf, exclusive=True)
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"Distill: output_fn must be callable (model, inputs) -> tensor; got {output_fn!r}")
         self.loss = loss

@@ -250,6 +250,34 @@ def _int_keys(obj):
     return obj
 
 
+def verdict(payload: dict) -> list[str]:
+    """Which configuration wins each (task, budget) cell, and whether mixed precision beats uniform."""
+    cells, beats = [], 0
+    for setup_name, rows in payload.get("small", {}).items():
+        for b in BUDGETS:
+            means = {"uniform": statistics.mean(r["uniform"][b]["accuracy"] for r in rows)}
+            means |= {s: statistics.mean(r["mixed"][f"W{b}/{s}"]["accuracy"] for r in rows) for s in SEARCHES}
+            cells.append((f"{setup_name} W{b}A{b} budget (accuracy, mean of seeds)", means))
+    if "mobilenet" in payload:
+        res = payload["mobilenet"]
+        for b in BUDGETS:
+            means = {"uniform": res["uniform"][b]["agreement"]}
+            means |= {s: res["mixed"][f"W{b}/{s}"]["agreement"] for s in SEARCHES}
+            cells.append((f"MobileNetV2 W{b} weight budget (agreement with float)", means))
+    lines = ["## Verdict\n"]
+    for label, means in cells:
+        best = max(means.values())
+        winners = [k for k, v in means.items() if v == best]
+        mixed_wins = [s for s in SEARCHES if means[s] > means["uniform"]]
+        beats += bool(mixed_wins)
+        lines.append(f"- {label}: best {' = '.join(winners)} ({best:.2f}); "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in means.items())
+                     + (f"; mixed beats uniform ({', '.join(mixed_wins)})" if mixed_wins else "; mixed does not beat uniform"))
+    lines.append(f"\nMixed precision beats uniform at equal BOPs in {beats} of {len(cells)} cells (by the mean; "
+                 "see the paired differences for the spread over seeds).\n")
+    return lines
+
+
 def render(name: str, payload: dict) -> None:
     """Write ``results/<name>.json``, ``.md`` and the frontier plot ``.png`` from ``payload``."""
     meta = payload["settings"]
@@ -259,6 +287,7 @@ def render(name: str, payload: dict) -> None:
         parts += small_markdown(payload["small"], meta["seeds"])
     if "mobilenet" in payload:
         parts += mobile_markdown(payload["mobilenet"])
+    parts += verdict(payload)
     plot = plot_frontier(frontier_points(payload), RESULTS / f"{name}.png")
     parts.append(f"\n![frontier]({plot.name})\n")
     save_results(name, payload, "\n".join(parts))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from ..checks import check_float, check_int
@@ -14,6 +15,23 @@ STEMS = ("imagenet", "cifar")
 def check_width_mult(value: object) -> float:
     """Return ``width_mult`` as a float if it is finite and > 0, else raise ``ValueError``."""
     return check_float("width_mult", value, minimum=0.0, maximum=math.inf, exclusive=True)
+
+
+def global_avg_pool(output_size: int = 1) -> nn.Sequential:
+    """Adaptive 2-D average pooling to ``output_size``², then flatten: ``[B, C, H, W] -> [B, C·s²]``."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(output_size), nn.Flatten())
+
+
+class FeatureClassifier(nn.Module):
+    """The common shape of the zoo's image classifiers: ``features`` -> ``pool`` -> ``classifier``
+    (submodules set by the subclass), ``[B, C, H, W] -> [B, num_classes]``."""
+
+    features: nn.Module
+    pool: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
 
 
 def check_common(num_classes: object, in_channels: object) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..checks import check_int
-from ._common import check_common, init_weights
+from ._common import FeatureClassifier, check_common, global_avg_pool, init_weights
 from .registry import MODELS
 
 
@@ -20,7 +19,7 @@ def _conv(in_ch: int, out_ch: int, kernel_size: int, batch_norm: bool) -> list[n
     return layers
 
 
-class AlexNet(nn.Module):
+class AlexNet(FeatureClassifier):
     """Five convs (64-5x5, 192-5x5, 384, 256, 256 3x3; max pools after 1st, 2nd, 5th) then three
     ``Linear`` layers (``256*4*4 -> hidden -> hidden -> num_classes``) with dropout.
 
@@ -50,7 +49,7 @@ class AlexNet(nn.Module):
             *_conv(256, 256, 3, batch_norm), nn.MaxPool2d(2),
         )  # fmt: skip
         # Fixed 4x4 grid for the classifier (a no-op at 32x32 input).
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.pool = global_avg_pool(4)
         self.classifier = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(256 * 4 * 4, hidden), nn.ReLU(),
             nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -58,9 +57,6 @@ class AlexNet(nn.Module):
         )  # fmt: skip
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32] -> [B, num_classes]``."""
-        return self.classifier(self.pool(self.features(x)))
 
 
 @MODELS.register("alexnet")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int
-from ._common import check_common, conv_bn_act, init_weights
+from ._common import FeatureClassifier, check_common, conv_bn_act, global_avg_pool, init_weights
 from .registry import MODELS
 
 
@@ -18,7 +18,7 @@ def dw_separable(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-class DWCNN(nn.Module):
+class DWCNN(FeatureClassifier):
     """Depthwise-separable CNN for 8x8 digits.
 
     Input: ``[B, in_channels, 8, 8]`` (any spatial size works). Output: ``[B, num_classes]``.
@@ -37,13 +37,10 @@ class DWCNN(nn.Module):
             dw_separable(width, 2 * width, stride=2),
             dw_separable(2 * width, 2 * width),
         )
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = global_avg_pool()
         self.classifier = nn.Linear(2 * width, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, num_classes]``."""
-        return self.classifier(self.pool(self.features(x)))
 
 
 def conv1d_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 5, stride: int = 1) -> nn.Sequential:

@@ -8,9 +8,11 @@ from torch import nn
 from ..checks import check_choice
 from ._common import (
     STEMS,
+    FeatureClassifier,
     check_common,
     check_width_mult,
     conv_bn_act,
+    global_avg_pool,
     init_weights,
     make_divisible,
 )
@@ -34,7 +36,7 @@ def _check(num_classes: int, in_channels: int, width_mult: float, stem: str) -> 
     return check_width_mult(width_mult)
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(FeatureClassifier):
     """MobileNet v1: 3x3 stem conv then 13 depthwise-separable blocks, global pool, ``Linear``.
 
     ``stem="imagenet"``: stride-2 stem, input ``[B, 3, 224, 224]`` (32x downsampling).
@@ -56,13 +58,10 @@ class MobileNetV1(nn.Module):
             layers.append(nn.Sequential(conv_bn_act(ch, ch, 3, stride, groups=ch), conv_bn_act(ch, out, 1)))
             ch = out
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = global_avg_pool()
         self.classifier = nn.Linear(ch, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, num_classes]``."""
-        return self.classifier(self.pool(self.features(x)))
 
 
 class InvertedResidual(nn.Module):
@@ -91,7 +90,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeatureClassifier):
     """MobileNet v2: 3x3 stem, 17 inverted-residual blocks, 1x1 conv to 1280, pool, dropout, ``Linear``.
 
     ``stem="imagenet"``: input ``[B, 3, 224, 224]`` (32x downsampling). ``stem="cifar"``: stride-1
@@ -125,13 +124,10 @@ class MobileNetV2(nn.Module):
         last = make_divisible(1280 * max(1.0, width_mult))
         layers.append(conv_bn_act(ch, last, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = global_avg_pool()
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W] -> [B, num_classes]``."""
-        return self.classifier(self.pool(self.features(x)))
 
 
 @MODELS.register("mobilenet_v1")

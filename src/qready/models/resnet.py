@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice
-from ._common import STEMS, check_common, init_weights
+from ._common import STEMS, check_common, global_avg_pool, init_weights
 from .registry import MODELS
 
 
@@ -70,7 +70,7 @@ class ResNet(nn.Module):
             blocks += [BasicBlock(width, width) for _ in range(depth - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             in_ch = width
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = global_avg_pool()
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self)
 

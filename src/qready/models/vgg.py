@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ._common import check_common, init_weights
+from ._common import FeatureClassifier, check_common, global_avg_pool, init_weights
 from .registry import MODELS
 
 # Conv widths; "M" is a 2x2 max pool. Five pools take 32x32 down to 1x1.
@@ -14,7 +13,7 @@ VGG16_CFG: tuple[int | str, ...] = (
 )  # fmt: skip
 
 
-class VGG(nn.Module):
+class VGG(FeatureClassifier):
     """VGG feature stack (3x3 convs, optional BN, ReLU, max pools), then ``Linear(512, num_classes)``.
 
     Input: ``[B, in_channels, 32, 32]``. Output: ``[B, num_classes]``.
@@ -41,13 +40,10 @@ class VGG(nn.Module):
             ch = v
         self.features = nn.Sequential(*layers)
         # Global pool makes the head independent of input size (a no-op at 32x32).
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = global_avg_pool()
         self.classifier = nn.Linear(ch, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, 32, 32] -> [B, num_classes]``."""
-        return self.classifier(self.pool(self.features(x)))
 
 
 @MODELS.register("vgg16")

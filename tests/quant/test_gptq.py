@@ -12,8 +12,8 @@ from qready.data import load_dataset
 from qready.models import create_model
 from qready.quant import QuantSpec, compute_qparams, dequantize, fake_quantize, ptq
 from qready.quant.ptq import UniformGrid, correct_bias, gptq_matrix, layer_error
-from qready.quant.ptq.params import recorded_codes
 from qready.quant.ptq.capture import StatsCollector, im2col, input_columns, weight_matrix
+from qready.quant.ptq.params import recorded_codes
 from qready.quant.ptq.passes import capture_stats
 
 SPECS = [

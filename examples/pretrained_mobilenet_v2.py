@@ -86,7 +86,7 @@ def main() -> None:
         objective = Distill(student)  # the teacher: a frozen float copy, taken before anything changes
         freeze_batchnorm(student)  # keep the pretrained BatchNorm statistics; no dropout noise
         margin = qready.regularizers.build("margin", student, weight=0.05, select=keep)
-        cfg = TrainConfig(epochs=args.epochs, optimizer="sgd", lr=0.003, momentum=0.9, batch_size=16)
+        cfg = TrainConfig(epochs=args.epochs, optimizer="sgd", lr=3e-4, momentum=0.9, batch_size=16)
         fit(student, train, cfg, objective=objective, loss_terms=[margin], progress=False)
 
         report("fine-tuned float vs original (drift)", fidelity(model, student, held_out))

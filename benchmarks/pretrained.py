@@ -177,7 +177,13 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
         print(f"{name}: drift KL {rows[name]['drift']['kl']}, W4/mse {rows[name]['ptq']['W4/mse']} "
               f"({time.perf_counter() - start:.0f}s eval)", flush=True)
 
-    record("(a) pretrained", model, None)
+    previous = RESULTS / "pretrained.json"
+    old = json.loads(previous.read_text()) if args.reuse and previous.is_file() else None
+    if old is not None and old["setup"]["data"] == sets.describe() and old["w8_study"] is not None:
+        rows["(a) pretrained"] = old["rows"]["(a) pretrained"]  # no fine-tune: independent of the settings
+        res["w8_study"] = old["w8_study"]
+    else:
+        record("(a) pretrained", model, None)
     # most informative first, so that a run cut short still answers the main questions
     for form in R2_FORMS:
         tuned, cost = fine_tune(model, sets, args,
@@ -186,8 +192,9 @@ def run(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
         if form == "margin":
             tuned, cost = fine_tune(model, sets, args, lambda m: [])
             record("(b) distill only", tuned, cost)
-            res["w8_study"] = w8_study(model, sets, reference)
-            progress("W8 study")
+            if res["w8_study"] is None:
+                res["w8_study"] = w8_study(model, sets, reference)
+                progress("W8 study")
     for bits in DKM_BITS:
         kmeans = palettize(model, bits=bits, method="kmeans", select=KEEP_FIRST_DEPTHWISE)
         tuned, cost = fine_tune(model, sets, args, lambda m: [],
@@ -304,11 +311,14 @@ def main() -> None:
     parser.add_argument("--linf", type=float, default=0.05)
     parser.add_argument("--margin", type=float, default=0.05)
     parser.add_argument("--soft-min-max", type=float, default=0.05)
-    parser.add_argument("--render", action="store_true", help="only rewrite the .md from results/pretrained.json")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from results/<name>.json")
+    parser.add_argument("--name", default="pretrained", help="results file name (default: pretrained)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take row (a) and the W8 study from results/pretrained.json when its data match")
     args = parser.parse_args()
     if args.render:
-        res = json.loads((RESULTS / "pretrained.json").read_text())
-        (RESULTS / "pretrained.md").write_text(markdown(res, targets(res)))
+        res = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(res, targets(res)))
         return
     if args.quick:
         args.steps, args.dkm_steps, args.tune_crops, args.eval_crops, args.size = 4, 2, 2, 2, 96
@@ -319,7 +329,7 @@ def main() -> None:
         if args.quick:
             print(text)
         else:
-            save_results("pretrained", {**res, "targets": targets(res)}, text)
+            save_results(args.name, {**res, "targets": targets(res)}, text)
 
     save(run(args, save))
 

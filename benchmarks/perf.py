@@ -97,10 +97,10 @@ def _probe(impl: str, n: int, repeats: int, memory: bool) -> dict:
     return {"skipped": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:300]}
 
 
-def dkm(quick: bool) -> list[dict]:
+def dkm(quick: bool, impls: tuple[str, ...] = DKM_IMPLS) -> list[dict]:
     rows = []
     for n in DKM_SIZES:
-        for impl in DKM_IMPLS:
+        for impl in impls:
             repeats = 1 if (quick or impl == "coremltools") else 5
             row = {"impl": impl, "n": n, "weights": n * n, "fp32_mb": n * n * 4 / 2**20}
             mem = _probe(impl, n, 1, memory=True)
@@ -170,7 +170,7 @@ def markdown(results: dict) -> str:
            "medians of interleaved repeats unless said otherwise.\n",
            "## Gradient-ℓ1 step cost (ResNet-20, batch 32 of 3x32x32, SGD step included)\n"]
     rows = []
-    for c in results["grad_l1"]:
+    for c in results.get("grad_l1", []):
         rows.append(["weights" if c["act_weight"] == 0 else "weights + activations", str(c["threads"]),
                      f"{1000 * c['plain_s']:.1f}", f"{1000 * c['grad_l1_s']:.1f}", f"{c['ratio']:.2f}×",
                      f"{1000 * c['fd_s']:.1f}", f"{c['fd_ratio']:.2f}×", verdict(c["fd_ratio"] <= 2.1),
@@ -184,7 +184,7 @@ def markdown(results: dict) -> str:
                "k-means) + one step, wall (CPU) seconds. Targets: peak ≤ 3× the layer's fp32 bytes; step ≤ 200 ms at "
                "1M weights (judged on CPU time when the load average is high); first step ≤ 2 s at 4M weights.\n")
     rows = []
-    for r in results["dkm"]:
+    for r in results.get("dkm", []):
         if "skipped" in r:
             rows.append([r["impl"], f"{r['n']}²", f"{r['fp32_mb']:.1f}", "-", "-", "-", "-", "-", "-", r["skipped"]])
             continue
@@ -203,18 +203,20 @@ def markdown(results: dict) -> str:
                      f"{r['load_avg_1min']:.1f}", ", ".join(checks)])
     out.append(common.markdown_table(["implementation", "layer", "fp32 MB", "peak added MB", "× fp32",
                                       "step ms", "step CPU ms", "first step s", "load avg", "targets"], rows))
-    ours = {r["n"]: r for r in results["dkm"] if r["impl"] == "ours" and "skipped" not in r}
-    theirs = {r["n"]: r for r in results["dkm"] if r["impl"] == "coremltools" and "skipped" not in r}
+    ours = {r["n"]: r for r in results.get("dkm", []) if r["impl"] == "ours" and "skipped" not in r}
+    theirs = {r["n"]: r for r in results.get("dkm", []) if r["impl"] == "coremltools" and "skipped" not in r}
     for n in sorted(set(ours) & set(theirs)):
         out.append(f"\n{n}²: coremltools / qready peak memory {theirs[n]['peak_mb'] / max(ours[n]['peak_mb'], 1e-9):.0f}×, "
                    f"step time {theirs[n]['step_s'] / ours[n]['step_s']:.0f}×.")
-    demo = results["demo"]
+    demo = results.get("demo", {"skipped": "not run yet"})
     out.append("\n\n## `qready demo` wall time (fresh process, two threads)\n")
     if "skipped" in demo:
         out.append(f"skipped: {demo['skipped']}\n")
     else:
         out.append(f"{demo['wall_s']:.1f} s (target ≤ 60 s: {verdict(demo['wall_s'] <= 60)}); load average "
                    f"{demo['load_avg_before']:.1f} before, {demo['load_avg_1min']:.1f} after.\n")
+    if "ptq" not in results:
+        return "\n".join(out) + "\n"
     p = results["ptq"]
     out.append("\n## PTQ of MobileNetV2 (random init), 4-bit per-channel weights, 8-bit activations, "
                "2 calibration batches of 8 x 3 x 224 x 224\n")
@@ -231,6 +233,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these sections, updating the others' figures from the last results file")
+    parser.add_argument("--dkm-impls", nargs="+", choices=DKM_IMPLS, default=list(DKM_IMPLS),
+                        help="DKM implementations to measure (coremltools takes minutes per size)")
     parser.add_argument("--dkm-probe", nargs=3, metavar=("IMPL", "N", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dkm_probe:
@@ -241,7 +245,7 @@ def main() -> None:
     name = "perf_quick" if args.quick else "perf"
     previous = common.RESULTS / f"{name}.json"
     results = {"quick": args.quick}
-    if set(args.sections) != set(SECTIONS):
+    if set(args.sections) != set(SECTIONS) and previous.exists():
         results = {k: v for k, v in json.loads(previous.read_text()).items() if k != "meta"}
         results["sections_rerun"] = args.sections
     if "grad_l1" in args.sections:
@@ -252,7 +256,7 @@ def main() -> None:
             print(f"grad-l1 (act_weight={act_weight}): plain {1000 * c['plain_s']:.1f} ms, exact {c['ratio']:.2f}x, "
                   f"finite difference {c['fd_ratio']:.2f}x (load {c['load_avg_1min']:.1f})", flush=True)
     if "dkm" in args.sections:
-        results["dkm"] = dkm(args.quick)
+        results["dkm"] = dkm(args.quick, tuple(args.dkm_impls))
     if "demo" in args.sections:
         results["demo"] = demo_wall()
     if "ptq" in args.sections:

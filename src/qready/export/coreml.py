@@ -45,7 +45,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..quant.activations import ATTR
 from ..quant.layers import layer_spec, out_axis
@@ -54,6 +53,7 @@ from ..quant.select import Selector, as_selector
 from ..quant.spec import QuantParams, QuantSpec
 from .bitpack import pack_bits
 from .packed import exact_uniform
+from .weights import selected_weights
 
 log = logging.getLogger("qready.export")
 
@@ -203,16 +203,7 @@ def encode_weights(model: nn.Module, spec: QuantSpec | None, selector: Selector,
                    ) -> list[CoreMLWeight]:
     """qready's encoding of every selected weight for ``target`` (see the module docstring)."""
     out: list[CoreMLWeight] = []
-    seen: set[int] = set()
-    for item in selector.select(model):
-        if parametrize.is_parametrized(item.module, "weight"):
-            raise ValueError(f"the weight of {item.name!r} is parametrized (a QAT or palettization wrapper): "
-                             "finalize the model first (qready.finalize / finalize_palettized)")
-        if id(item.module.weight) in seen:
-            continue
-        seen.add(id(item.module.weight))
-        key = f"{item.name}.weight" if item.name else "weight"
-        w = item.module.weight.detach().float().cpu()
+    for item, key, w in selected_weights(model, selector):
         if spec is None:
             out.append(_lut_weight(key, item.name, w, target, out_axis(item.module) or 0))
         else:

@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..batching import Inputs, forward, move_inputs, output_tensor
 from ..quant.activations import ATTR, ActivationQuantizer
@@ -67,6 +66,7 @@ from ..quant.ranges import MIN_SCALE
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantSpec, check_bits
 from .packed import exact_uniform, signed_grid
+from .weights import selected_weights
 
 log = logging.getLogger("qready.export")
 
@@ -177,16 +177,7 @@ def _encode_weights(model: nn.Module, spec: QuantSpec, selector: Selector, opset
                     ) -> tuple[list[_WeightEncoding], dict[str, str]]:
     encodings: list[_WeightEncoding] = []
     labels: dict[str, str] = {}
-    seen: set[int] = set()  # tied weights are one initializer: encode them once
-    for item in selector.select(model):
-        if parametrize.is_parametrized(item.module, "weight"):
-            raise ValueError(f"the weight of {item.name!r} is parametrized (a QAT or palettization wrapper): "
-                             "finalize the model first (qready.finalize / finalize_palettized)")
-        if id(item.module.weight) in seen:
-            continue
-        seen.add(id(item.module.weight))
-        key = f"{item.name}.weight" if item.name else "weight"
-        w = item.module.weight.detach().float().cpu()
+    for item, key, w in selected_weights(model, selector):
         w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
         enc = _qdq_weight(key, w, w_spec, opset) or _lut_weight(key, w, out_axis(item.module) or 0)
         if enc is None:

@@ -26,13 +26,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..quant.activations import ATTR
 from ..quant.layers import layer_spec, out_axis
 from ..quant.select import Selector
 from ..quant.spec import QuantSpec
 from .packed import exact_uniform
+from .weights import selected_weights
 
 log = logging.getLogger("qready.export")
 
@@ -127,16 +127,7 @@ def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, o
     others: list = []
     nbits: list[NBitsWeight] = []
     labels: dict[str, str] = {}
-    seen: set[int] = set()
-    for item in selector.select(model):
-        if parametrize.is_parametrized(item.module, "weight"):
-            raise ValueError(f"the weight of {item.name!r} is parametrized (a QAT or palettization wrapper): "
-                             "finalize the model first (qready.finalize / finalize_palettized)")
-        if id(item.module.weight) in seen:
-            continue
-        seen.add(id(item.module.weight))
-        key = f"{item.name}.weight" if item.name else "weight"
-        w = item.module.weight.detach().float().cpu()
+    for item, key, w in selected_weights(model, selector):
         w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
         enc = None
         axis = out_axis(item.module) or 0

@@ -7,8 +7,8 @@ import numbers
 from collections.abc import Sequence
 
 
-def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    """``value`` as an ``int`` (bools refused), optionally ``>= minimum``.
+def check_int(name: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (bools refused), optionally within ``[minimum, maximum]``.
 
     >>> check_int("group_size", 4, minimum=1)
     4
@@ -22,6 +22,8 @@ def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..batching import forward, model_device, move_inputs, output_tensor, split_batch
+from ..checks import check_int
 from ..quant.functional import compute_qparams, fake_quantize
 from ..quant.grid import to_rows
 from ..quant.layers import layer_spec
@@ -314,8 +315,7 @@ def diagnose(
         a :class:`Diagnosis`.
     """
     bit_list = _check_bits(bits)
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive int; got {num_batches!r}")
+    check_int("num_batches", num_batches, minimum=1)
     spec = spec if spec is not None else QuantSpec(bits=8, granularity="channel")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec or None, got {type(spec).__name__}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..quant.qat.quantizers import ActivationQAT
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -109,9 +110,7 @@ def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
 
 def _bits_for(bits: BitsLike, names: Sequence[str], arg: str) -> dict[str, int]:
     def check(value: object, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
-            raise ValueError(f"{arg}{where} must be an int in 1-32; got {value!r}")
-        return value
+        return check_int(f"{arg}{where}", value, minimum=1, maximum=32)
 
     if isinstance(bits, Mapping):
         return {n: check(bits[n], f"[{n!r}]") for n in names}

@@ -31,6 +31,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
+from ...checks import check_int
 from ..functional import compute_qparams, fake_quantize
 from ..grid import fake_quantize_rows
 from ..layers import layer_spec
@@ -267,8 +268,7 @@ class GPTQ:
     uses_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"GPTQ block_size must be a positive int; got {self.block_size!r}")
+        check_int("GPTQ block_size", self.block_size, minimum=1)
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise ValueError(f"GPTQ damp must be a number in [0, 1); got {self.damp!r}")
         if not isinstance(self.act_order, bool):

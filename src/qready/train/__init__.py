@@ -12,7 +12,6 @@ from .checkpoint import (
 from .config import TrainConfig, build_optimizer, build_scheduler
 from .distill import Distill
 from .guards import NonFiniteError, check_finite
-from .objective import CrossEntropy, Objective
 from .loop import (
     LossTerm,
     StandardStep,
@@ -23,6 +22,7 @@ from .loop import (
     fit,
     seed_everything,
 )
+from .objective import CrossEntropy, Objective
 
 __all__ = [
     "Checkpoint",

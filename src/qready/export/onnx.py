@@ -48,32 +48,31 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..batching import Inputs, forward, move_inputs, output_tensor
 from ..quant.activations import ATTR, ActivationQuantizer
 from ..quant.grid import fake_quantize_rows
-from ..quant.layers import layer_spec, out_axis
-from ..quant.palettize.codebook import channel_groups, find_palette
 from ..quant.qat.quantizers import EWGSActivationQuantizer
 from ..quant.ranges import MIN_SCALE
 from ..quant.select import Selector, as_selector
 from ..quant.spec import WEIGHT_BITS, QuantSpec, check_bits
-from .packed import exact_uniform, signed_grid
-from .weights import selected_weights
+from .onnx_qdq import (
+    code_container,
+    encode_weights,
+    find_initializer,
+    rewrite_weight,
+)
 
 log = logging.getLogger("qready.export")
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 13  # per-axis DequantizeLinear
 TORCH_EXPORTER_MAX_OPSET = 20  # the TorchScript-based exporter of torch 2.x
-INT4_OPSET = 21  # INT4/UINT4 and INT16/UINT16 in QuantizeLinear/DequantizeLinear
 METADATA_KEY = "qready.weights"
 NAMES_KEY = "qready.weight_initializers"  # {weight key: name of its initializer / decoded tensor}
 
@@ -84,110 +83,6 @@ def _onnx() -> Any:
     except ImportError as e:
         raise ImportError("ONNX export needs the onnx package: pip install 'qready[export]'") from e
     return onnx
-
-
-@dataclass(frozen=True)
-class _Container:
-    """The ONNX integer type holding codes in ``[lo, hi]``."""
-
-    name: str  # ONNX TensorProto type name
-    numpy: Any
-    lo: int
-    hi: int
-
-
-def _containers(opset: int) -> list[_Container]:
-    import ml_dtypes  # installed with onnx >= 1.16
-
-    small = [_Container("INT4", ml_dtypes.int4, -8, 7), _Container("UINT4", ml_dtypes.uint4, 0, 15)]
-    wide = [_Container("INT16", np.int16, -(2**15), 2**15 - 1), _Container("UINT16", np.uint16, 0, 2**16 - 1)]
-    eight = [_Container("INT8", np.int8, -128, 127), _Container("UINT8", np.uint8, 0, 255)]
-    return [*(small if opset >= INT4_OPSET else []), *eight, *(wide if opset >= INT4_OPSET else [])]
-
-
-def _container(qmin: int, qmax: int, opset: int, what: str, *, allow_small: bool = True) -> _Container:
-    for c in _containers(opset):
-        if c.lo <= qmin and qmax <= c.hi and (allow_small or c.name not in ("INT4", "UINT4")):
-            return c
-    raise ValueError(f"{what}: codes in [{qmin}, {qmax}] need a 16-bit QuantizeLinear/DequantizeLinear, which "
-                     f"needs opset >= {INT4_OPSET}; got opset={opset}")
-
-
-# ------------------------------------------------------------------------------------ weights
-
-
-@dataclass
-class _WeightEncoding:
-    """How one weight is stored: ``kind`` is ``"qdq"`` (codes + DequantizeLinear) or ``"lut"``."""
-
-    key: str
-    value: np.ndarray  # the float weight, to find its initializer by value when names differ
-    kind: str
-    label: str
-    arrays: dict[str, np.ndarray]
-    axis: int | None = None
-
-
-def _qdq_weight(key: str, w: torch.Tensor, spec: QuantSpec, opset: int, *, allow_small: bool = True
-                ) -> _WeightEncoding | None:
-    found = exact_uniform(w, spec) or signed_grid(w, axis=spec.axis)
-    if found is None:
-        return None
-    codes, params = found
-    codes = codes.to(torch.int32)
-    zero_point = params.zero_point.to(torch.int32)
-    qmin, qmax = params.qmin, params.qmax
-    if params.extra.get("binary"):  # values (2c - 1)·scale: codes ±1, zero point 0
-        codes, zero_point, qmin, qmax = 2 * codes - 1, torch.zeros_like(zero_point), -1, 1
-    c = _container(qmin, qmax, opset, f"weight {key!r}", allow_small=allow_small)
-    per_tensor = params.granularity == "tensor"
-    scale = params.scale.float().numpy()
-    zp = zero_point.numpy()
-    return _WeightEncoding(
-        key=key, value=w.numpy(), kind="qdq", label=f"{c.name.lower()} (W{params.bits})",
-        arrays={"quantized": codes.numpy().astype(c.numpy),
-                "scale": scale.reshape(()) if per_tensor else scale,
-                "zero_point": (zp.reshape(()) if per_tensor else zp).astype(c.numpy)},
-        axis=None if per_tensor else params.axis,
-    )
-
-
-def _lut_weight(key: str, w: torch.Tensor, axis: int) -> _WeightEncoding | None:
-    """uint8 indices into a flat LUT ``[G·K]``; channel ``c`` (along ``axis``) reads from ``offsets[c] = group(c)·K``."""
-    if w.dim() < 2:
-        return None
-    palette = find_palette(w, max_bits=8, axis=axis)
-    if palette is None:
-        return None
-    groups, k = palette.lut.shape
-    offsets = torch.zeros(0, dtype=torch.int64)
-    if groups > 1:
-        element_group = channel_groups(tuple(w.shape), palette.group_size, axis=axis).reshape(w.shape)
-        offsets = element_group.amax(dim=[d for d in range(w.dim()) if d != axis], keepdim=True) * k
-    if palette.lut.numel() * 4 + w.numel() + offsets.numel() * 8 >= w.numel() * 4:
-        return None  # few elements per channel: LUT + indices would be larger than the float weight
-    return _WeightEncoding(
-        key=key, value=w.numpy(), kind="lut", label=f"lut{palette.bits} (uint8 indices)",
-        arrays={"indices": palette.indices.numpy(), "lut": palette.lut.float().reshape(-1).numpy(),
-                "offsets": offsets.numpy()},
-    )
-
-
-def _encode_weights(model: nn.Module, spec: QuantSpec, selector: Selector, opset: int
-                    ) -> tuple[list[_WeightEncoding], dict[str, str]]:
-    encodings: list[_WeightEncoding] = []
-    labels: dict[str, str] = {}
-    for item, key, w in selected_weights(model, selector):
-        w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
-        enc = _qdq_weight(key, w, w_spec, opset) or _lut_weight(key, w, out_axis(item.module) or 0)
-        if enc is None:
-            log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
-                        item.name, w_spec.bits)
-            labels[key] = "float"
-            continue
-        encodings.append(enc)
-        labels[key] = enc.label
-    return encodings, labels
 
 
 # -------------------------------------------------------------------------------- activations
@@ -230,7 +125,7 @@ class _ExportQuantizer(nn.Module):
             raise ValueError(f"the input quantizer of {where!r} is 1-bit (sign times scale), which ONNX "
                              "QuantizeLinear/DequantizeLinear cannot express; use 2 or more activation bits")
         self.args = (float(quantizer.scale.reshape(())), int(quantizer.zero_point.reshape(())), spec.qmin, spec.qmax,
-                     _container(spec.qmin, spec.qmax, opset, f"the input quantizer of {where!r}",
+                     code_container(spec.qmin, spec.qmax, opset, f"the input quantizer of {where!r}",
                                 allow_small=False).name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,65 +166,10 @@ def _swap_activation_quantizers(model: nn.Module, opset: int) -> int:
     return count
 
 
-# ------------------------------------------------------------------------------- graph rewrite
-
-
-def _find_initializer(graph: Any, enc: _WeightEncoding, numpy_helper: Any) -> tuple[Any, bool]:
-    """The initializer holding ``enc``'s weight and whether it is stored transposed (2-D MatMul)."""
-    by_name = {init.name: init for init in graph.initializer}
-    for name in (enc.key, f"{_Traced.PREFIX}{enc.key}"):
-        if name in by_name:  # transposed: a weight encoded as [N, K] whose layer holds [K, N] (HF Conv1D)
-            init = by_name[name]
-            same = tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value)
-            return init, not same and enc.value.ndim == 2
-    for init in graph.initializer:
-        if tuple(init.dims) == enc.value.shape and np.array_equal(numpy_helper.to_array(init), enc.value):
-            return init, False
-        if enc.value.ndim == 2 and tuple(init.dims) == enc.value.shape[::-1] and np.array_equal(
-                numpy_helper.to_array(init), enc.value.T):
-            return init, True
-    raise ValueError(f"export_onnx: cannot find the initializer of {enc.key!r} in the exported graph")
-
-
-def _rewrite_weight(graph: Any, enc: _WeightEncoding, onnx: Any) -> list[Any]:
-    """Replace the weight's initializer by its encoding; returns the nodes that recompute it."""
-    from onnx import helper, numpy_helper
-
-    init, transposed = _find_initializer(graph, enc, numpy_helper)
-    name = init.name
-    graph.initializer.remove(init)
-    arrays = dict(enc.arrays)
-    if enc.kind == "qdq":
-        axis = enc.axis
-        if transposed:
-            arrays["quantized"] = np.ascontiguousarray(arrays["quantized"].T)
-            axis = None if axis is None else 1 - axis
-        for part in ("quantized", "scale", "zero_point"):
-            graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
-        attrs = {} if axis is None else {"axis": axis}
-        return [helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
-                                 [name], name=f"{name}_DequantizeLinear", **attrs)]
-    if transposed:
-        arrays["indices"] = np.ascontiguousarray(arrays["indices"].T)
-        arrays["offsets"] = np.ascontiguousarray(arrays["offsets"].T)
-    parts = ("indices", "lut", "offsets") if arrays["offsets"].size else ("indices", "lut")
-    for part in parts:
-        graph.initializer.append(numpy_helper.from_array(arrays[part], f"{name}_{part}"))
-    index = f"{name}_indices_int64"
-    nodes = [helper.make_node("Cast", [f"{name}_indices"], [index], to=onnx.TensorProto.INT64, name=f"{name}_Cast")]
-    if "offsets" in parts:
-        nodes.append(helper.make_node("Add", [index, f"{name}_offsets"], [f"{index}_flat"], name=f"{name}_Add"))
-        index = f"{index}_flat"
-    nodes.append(helper.make_node("Gather", [f"{name}_lut", index], [name], axis=0, name=f"{name}_Gather"))
-    return nodes
-
-
 class _Traced(nn.Module):
     """What the exporter traces for a model taking keyword inputs (passed here positionally, in
     ``names`` order): the model's output tensor (``.logits`` of a Hugging Face output). Its weights'
-    initializers are named ``PREFIX + state_dict key``."""
-
-    PREFIX = "model."
+    initializers are named ``TRACED_PREFIX + state_dict key``."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         super().__init__()
@@ -427,15 +267,15 @@ def export_onnx(
 
         encodings, nbits, labels = encode_weights_only(work, spec, selector, opset, block_size)
     else:
-        encodings, labels, nbits = *_encode_weights(work, spec, selector, opset), []
+        encodings, labels, nbits = *encode_weights(work, spec, selector, opset), []
     n_act = _swap_activation_quantizers(work, opset)
     proto = onnx.load_from_string(_torch_export(work, move_inputs(example_input, "cpu"), opset))
     if opset > TORCH_EXPORTER_MAX_OPSET:
         from onnx import version_converter
 
         proto = version_converter.convert_version(proto, opset)
-    names = {e.key: _find_initializer(proto.graph, e, onnx.numpy_helper)[0].name for e in [*encodings, *nbits]}
-    nodes = [node for enc in encodings for node in _rewrite_weight(proto.graph, enc, onnx)]
+    names = {e.key: find_initializer(proto.graph, e, onnx.numpy_helper)[0].name for e in [*encodings, *nbits]}
+    nodes = [node for enc in encodings for node in rewrite_weight(proto.graph, enc, onnx)]
     for node in reversed(nodes):  # before every consumer: they only read initializers
         proto.graph.node.insert(0, node)
     if nbits:

@@ -117,7 +117,7 @@ def nbits_weight(key: str, name: str, w: torch.Tensor, spec: QuantSpec, block_si
 def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, opset: int, block_size: int
                         ) -> tuple[list, list[NBitsWeight], dict[str, str]]:
     """``(other encodings, MatMulNBits encodings, labels)`` of the selected weights of ``model``."""
-    from .onnx import _lut_weight, _qdq_weight
+    from .onnx_qdq import lut_weight, qdq_weight
 
     check_block_size(block_size)
     for name, module in model.named_modules():
@@ -139,8 +139,8 @@ def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, o
                 labels[key] = enc.label
                 continue
         elif w_spec.granularity != "group":
-            enc = _qdq_weight(key, w, w_spec, opset, allow_small=False)
-        enc = enc or _lut_weight(key, w, axis)
+            enc = qdq_weight(key, w, w_spec, opset, allow_small=False)
+        enc = enc or lut_weight(key, w, axis)
         if enc is None:
             log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
                         item.name, w_spec.bits)
@@ -162,9 +162,9 @@ def rewrite_nbits(graph, enc: NBitsWeight) -> None:  # noqa: ANN001 - an onnx Gr
     """Replace the ``Gemm``/``MatMul`` reading ``enc``'s weight by ``MatMulNBits`` (+ ``Add`` for a bias)."""
     from onnx import helper, numpy_helper
 
-    from .onnx import _find_initializer
+    from .onnx_qdq import find_initializer
 
-    init, transposed = _find_initializer(graph, enc, numpy_helper)
+    init, transposed = find_initializer(graph, enc, numpy_helper)
     name = init.name
     node = _consumer(graph, name)
     if node.op_type == "Gemm":

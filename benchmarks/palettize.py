@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -166,13 +167,10 @@ def _prepare(impl: str, layer: nn.Module) -> tuple[nn.Module, object]:
     return prepared, palettizer
 
 
-def memory_probe(impl: str) -> dict:
-    """Peak resident memory (MB) added by one training step, and the median step time (s)."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model, palettizer = _prepare(impl, nn.Linear(1024, 1024))
+def training_step(impl: str, layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One SGD step of ``layer`` palettized by ``impl`` on ``x`` (loss: mean squared output), as a function."""
+    model, palettizer = _prepare(impl, layer)
     model.train()
-    x = torch.randn(64, 1024)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -182,6 +180,14 @@ def memory_probe(impl: str) -> dict:
         if palettizer is not None:
             palettizer.step()
 
+    return step
+
+
+def memory_probe(impl: str) -> dict:
+    """Peak resident memory (MB) added by one training step, and the median step time (s)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    step = training_step(impl, nn.Linear(1024, 1024), torch.randn(64, 1024))
     step()  # warm-up: lazy initialisation, allocator caches
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_kb("VmRSS")

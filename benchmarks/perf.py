@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from benchmarks import common, grad_l1
-from benchmarks.palettize import _prepare, _rss_kb
+from benchmarks.palettize import _rss_kb, training_step
 
 ROOT = Path(__file__).resolve().parent.parent
 DKM_SIZES = (1024, 2048)
@@ -57,17 +57,7 @@ def dkm_probe(impl: str, n: int, repeats: int) -> dict:
     x = torch.randn(64, n)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # torch's one-off lazy imports, not timed
     start, start_cpu = time.perf_counter(), time.process_time()
-    model, palettizer = _prepare(impl, layer)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-        opt.step()
-        if palettizer is not None:
-            palettizer.step()
-
+    step = training_step(impl, layer, x)
     step()
     first_step_s, first_step_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     Path("/proc/self/clear_refs").write_text("5")

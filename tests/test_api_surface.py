@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 from pathlib import Path
 
 import qready
@@ -31,6 +32,7 @@ def _signature(obj: object) -> str:
         sig = str(inspect.signature(target))
     except (TypeError, ValueError):
         return ""
+    sig = re.sub(r" at 0x[0-9a-fA-F]+", "", sig)  # object reprs in defaults: no memory addresses
     return sig.replace("(self, ", "(").replace("(self)", "()")
 
 

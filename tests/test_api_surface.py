@@ -56,7 +56,8 @@ def render() -> str:
     parts = [HEADER]
     for module in MODULES:
         mod = importlib.import_module(module)
-        names = sorted(getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")])
+        names = sorted(getattr(mod, "__all__", None) or [  # no __all__: the names the module itself defines
+            n for n, v in vars(mod).items() if not n.startswith("_") and getattr(v, "__module__", None) == module])
         parts.append(f"\n## `{module}`\n")
         parts.extend(_line(module, n) for n in names if not n.startswith("_"))
     return "\n".join(parts) + "\n"

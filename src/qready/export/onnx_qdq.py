@@ -117,15 +117,23 @@ def encode_weights(model: nn.Module, spec: QuantSpec, selector: Selector, opset:
     labels: dict[str, str] = {}
     for item, key, w in selected_weights(model, selector):
         w_spec = layer_spec(item.module, spec if item.bits_override is None else spec.with_bits(item.bits_override))
-        enc = qdq_weight(key, w, w_spec, opset) or lut_weight(key, w, out_axis(item.module) or 0)
-        if enc is None:
-            log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
-                        item.name, w_spec.bits)
-            labels[key] = "float"
-            continue
-        encodings.append(enc)
-        labels[key] = enc.label
+        enc = or_lut(qdq_weight(key, w, w_spec, opset), key, item.name, w, out_axis(item.module) or 0,
+                     w_spec.bits, labels)
+        if enc is not None:
+            encodings.append(enc)
     return encodings, labels
+
+
+def or_lut(enc: WeightEncoding | None, key: str, name: str, w: torch.Tensor, axis: int, bits: int,
+           labels: dict[str, str]) -> WeightEncoding | None:
+    """``enc``, else the weight's exact look-up table, else ``None`` (the weight stays float; logged); the
+    chosen encoding's label is recorded in ``labels[key]``."""
+    enc = enc or lut_weight(key, w, axis)
+    if enc is None:
+        log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
+                    name, bits)
+    labels[key] = "float" if enc is None else enc.label
+    return enc
 
 
 # ------------------------------------------------------------------------------- graph rewrite

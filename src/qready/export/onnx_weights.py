@@ -20,7 +20,6 @@ A Linear bit width ``MatMulNBits`` lacks (1, 3, 5, 6, 7) is refused with the nea
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -33,8 +32,6 @@ from ..quant.select import Selector
 from ..quant.spec import QuantSpec
 from .packed import exact_uniform
 from .weights import selected_weights
-
-log = logging.getLogger("qready.export")
 
 NBITS = (2, 4, 8)  # MatMulNBits kernels in ONNX Runtime
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -117,7 +114,7 @@ def nbits_weight(key: str, name: str, w: torch.Tensor, spec: QuantSpec, block_si
 def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, opset: int, block_size: int
                         ) -> tuple[list, list[NBitsWeight], dict[str, str]]:
     """``(other encodings, MatMulNBits encodings, labels)`` of the selected weights of ``model``."""
-    from .onnx_qdq import lut_weight, qdq_weight
+    from .onnx_qdq import or_lut, qdq_weight
 
     check_block_size(block_size)
     for name, module in model.named_modules():
@@ -140,14 +137,9 @@ def encode_weights_only(model: nn.Module, spec: QuantSpec, selector: Selector, o
                 continue
         elif w_spec.granularity != "group":
             enc = qdq_weight(key, w, w_spec, opset, allow_small=False)
-        enc = enc or lut_weight(key, w, axis)
-        if enc is None:
-            log.warning("export_onnx: the weight of %r is on neither the %d-bit grid nor a palette; it stays float",
-                        item.name, w_spec.bits)
-            labels[key] = "float"
-            continue
-        others.append(enc)
-        labels[key] = enc.label
+        enc = or_lut(enc, key, item.name, w, axis, w_spec.bits, labels)
+        if enc is not None:
+            others.append(enc)
     return others, nbits, labels
 
 

@@ -61,18 +61,21 @@ class ActivationProbe:
     """Hooks on the selected layers for the activation term (their outputs, or the inputs they see).
 
     ``recording()``: for the ``k``-th call of layer ``name``, ``directions[name][k] = sign(∇_a L)`` and
-    ``l1[name][k] = ‖∇_a L‖₁`` are stored when the backward reaches the activation (the directions
-    may then be rescaled in place). ``perturbing(scale)``: each recorded call gets
-    ``a + scale·directions[name][k]``; calls without a record are left alone. Otherwise the hooks
-    do nothing. For ``site="input"`` the gradient is that of the layer's own view of its input (what
-    an activation quantizer on that input rounds), not of other consumers of the same tensor.
+    ``l1[name][k] = ‖∇_a L‖₁`` are stored when the backward reaches the activation; ``weights[(name, k)]``
+    (default 1) then scales that call's direction. ``perturbing(scale)``: each recorded call gets
+    ``a + scale·weights[(name, k)]·directions[name][k]`` (one fused add); calls without a record are left
+    alone. Otherwise the hooks do nothing. For ``site="input"`` the gradient is that of the layer's own
+    view of its input (what an activation quantizer on that input rounds), not of other consumers of
+    the same tensor.
     """
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], site: str) -> None:
         self.mode: str | None = None
         self.scale = 0.0
+        self.site = site
         self.directions: dict[str, list[Tensor | None]] = {}
         self.l1: dict[str, list[Tensor | None]] = {}
+        self.weights: dict[tuple[str, int], float] = {}
         self._calls: dict[str, int] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in layers:
@@ -103,17 +106,21 @@ class ActivationProbe:
             directions, l1 = self.directions.setdefault(name, []), self.l1.setdefault(name, [])
             directions.append(None)
             l1.append(None)
-            view = a.view_as(a)  # its own autograd node: the gradient of this use only
+            # an input gets its own autograd node (the gradient of this use only); an output is this
+            # layer's own tensor already
+            tracked = a.view_as(a) if self.site == "input" else a
 
             def store(grad: Tensor) -> None:
                 directions[k] = torch.sign(grad)
                 l1[k] = torch.linalg.vector_norm(grad.detach(), 1)
 
-            view.register_hook(store)
-            return view
+            tracked.register_hook(store)
+            return tracked
         recorded = self.directions.get(name, [])
         direction = recorded[k] if k < len(recorded) else None
-        return a if direction is None else a + self.scale * direction
+        if direction is None:
+            return a
+        return torch.add(a, direction, alpha=self.scale * self.weights.get((name, k), 1.0))
 
     def records(self) -> list[tuple[str, int]]:
         """``(name, k)`` of every call whose gradient was recorded."""
@@ -124,6 +131,7 @@ class ActivationProbe:
         """Record the activation gradients of the forward + backward run inside."""
         self.directions.clear()
         self.l1.clear()
+        self.weights.clear()
         with self._mode("record"):
             yield
 
@@ -149,6 +157,7 @@ class ActivationProbe:
         self.handles.clear()
         self.directions.clear()
         self.l1.clear()
+        self.weights.clear()
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -219,7 +228,7 @@ def add_penalty_gradient(reg: GradL1, model: nn.Module, closure: Closure, params
         return
     kappa = max(coefs)
     for (n, k), c in zip(acts, a_coefs, strict=True):
-        probe.directions[n][k].mul_(c / kappa)
+        probe.weights[(n, k)] = c / kappa
     eps = step_size(weights, reg.fd_eps if reg.fd_eps is not None else relative_step(weights[0].dtype, reg.central))
     base = _take_grads(params)
     saved = [w.detach().clone() for w, _, _ in w_terms]

@@ -10,7 +10,7 @@ A layer is seen as ``G`` independent matrix products ``Y_g = W_g X_g`` (``G`` = 
   the weight); grouped and depthwise convolutions give one ``[K, K]`` Hessian per group.
 
 Per layer we accumulate ``S = sum x x^T`` (``[G, K, K]``, float64 running sum of float32 chunk products),
-the column sum ``sum x`` (``[G, K]``) and the column count ``N``; the GPTQ Hessian is ``H = 2 S / N``.
+the column sum ``sum x`` (``[G, K]``, likewise) and the column count ``N``; the GPTQ Hessian is ``H = 2 S / N``.
 Inputs are processed in chunks of at most :data:`CHUNK_ELEMENTS` im2col elements, so memory stays
 bounded whatever the batch size.
 """
@@ -120,18 +120,49 @@ def im2col(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     return x.permute(order).reshape(batch, channels * math.prod(module.kernel_size), -1)
 
 
-def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as ``[G, N, K]`` columns (one row per output position and sample)."""
+def _is_pointwise(module: nn.modules.conv._ConvNd) -> bool:
+    """A convolution whose im2col is its input itself (1-sized kernel, stride 1, no padding)."""
+    return (all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+            and not any(_conv_padding(module)))
+
+
+def _conv_cols(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's im2col split by group: ``[B, G, K, L]`` (a view of ``x`` for pointwise convolutions)."""
+    if x.dim() == len(module.kernel_size) + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    batch = x.shape[0]
+    cols = x.reshape(batch, x.shape[1], -1) if _is_pointwise(module) else im2col(module, x)  # [B, C*k, L]
+    return cols.reshape(batch, module.groups, cols.shape[1] // module.groups, cols.shape[2])
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``[G, K, N]``: one row per input feature (im2col row for convolutions), one
+    column per output position and sample (a view for Linear-like layers)."""
     if is_conv(module):
-        dims = len(module.kernel_size)
-        if x.dim() == dims + 1:  # unbatched input
-            x = x.unsqueeze(0)
-        cols = im2col(module, x)  # [B, C*k, L]
-        groups = module.groups
-        batch, rows, length = cols.shape
-        cols = cols.reshape(batch, groups, rows // groups, length)
-        return cols.permute(1, 0, 3, 2).reshape(groups, batch * length, rows // groups)
-    return x.reshape(1, -1, x.shape[-1])
+        cols = _conv_cols(module, x)
+        return cols.permute(1, 2, 0, 3).reshape(cols.shape[1], cols.shape[2], -1)
+    return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
+
+
+def _gram(module: nn.Module, x: torch.Tensor, with_hessian: bool) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """``(sum x x^T [G, K, K] or None without the Hessian, sum x [G, K], N)`` of one input chunk, float32.
+
+    A convolution with at least as many output positions per sample as features (``L >= K``) is
+    reduced per sample and summed (no copy of the im2col matrix); otherwise through :func:`input_rows`.
+    """
+    if is_conv(module):
+        cols = _conv_cols(module, x)  # [B, G, K, L]
+        if not with_hessian or cols.shape[3] >= cols.shape[2]:
+            xx = torch.matmul(cols, cols.transpose(2, 3)).sum(0) if with_hessian else None
+            return xx, cols.sum(dim=(0, 3)), cols.shape[0] * cols.shape[3]
+    rows = input_rows(module, x)  # [G, K, N]
+    return (torch.bmm(rows, rows.transpose(1, 2)) if with_hessian else None), rows.sum(dim=2), rows.shape[2]
+
+
+def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as ``[G, N, K]`` columns (one row per output position and sample): the
+    transpose of :func:`input_rows` (a view)."""
+    return input_rows(module, x).transpose(1, 2)
 
 
 def _chunks(module: nn.Module, x: torch.Tensor):
@@ -158,13 +189,13 @@ class StatsCollector:
     def add(self, x: torch.Tensor) -> None:
         """Add the input ``x`` of one call of the layer."""
         for chunk in _chunks(self.module, x.detach()):
-            cols = input_columns(self.module, chunk.float())  # [G, N, K]
+            xx, x_sum, count = _gram(self.module, chunk.float(), self.with_hessian)
             if self.stats is None:
-                groups, _, k = cols.shape
-                xx = torch.zeros(groups, k, k, dtype=torch.float64, device=cols.device) if self.with_hessian else None
-                self.stats = LayerStats(xx, torch.zeros(groups, k, dtype=torch.float64, device=cols.device))
-            if self.with_hessian:
-                self.stats.xx += torch.bmm(cols.transpose(1, 2), cols).double()
-            self.stats.x_sum += cols.sum(dim=1, dtype=torch.float64)
-            self.stats.count += cols.shape[1]
-
+                groups, k = x_sum.shape
+                zeros = torch.zeros(groups, k, k, dtype=torch.float64, device=x_sum.device) if self.with_hessian else None
+                self.stats = LayerStats(zeros, torch.zeros(groups, k, dtype=torch.float64, device=x_sum.device))
+            if xx is not None:
+                self.stats.xx += xx.double()
+            # float32 sums of one bounded chunk, accumulated in float64
+            self.stats.x_sum += x_sum.double()
+            self.stats.count += count

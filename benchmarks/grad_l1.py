@@ -14,12 +14,16 @@ Cost: step time with the penalty / plain step (forward + backward + optimizer), 
 ``[32, 3, 32, 32]`` on the CPU, plain, exact and finite-difference steps interleaved so that load
 changes hit all alike.
 
-    python -m benchmarks.grad_l1 [--quick] [--threads N]
+    python -m benchmarks.grad_l1 [--quick] [--compare-modes] [--threads N] [--add-seeds S ...] [--keep-cost]
+
+``--add-seeds`` trains only the given seeds and merges them into the saved results (rows of other
+seeds kept); ``--keep-cost`` keeps the saved step-cost table instead of timing again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -225,6 +229,9 @@ def main() -> None:
     parser.add_argument("--compare-modes", action="store_true",
                         help="only the baseline and λw=1 (± λa=0.1) in both modes")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--add-seeds", type=int, nargs="+", metavar="S",
+                        help="train only these seeds and merge them into the saved results")
+    parser.add_argument("--keep-cost", action="store_true", help="keep the saved step-cost table (no timing)")
     parser.add_argument("--cost-steps", type=int, default=15, help="interleaved timing repeats (default 15)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for training (default 1: the small models gain nothing from more)")
@@ -234,10 +241,18 @@ def main() -> None:
     seeds = [0] if args.quick else list(range(args.seeds))
     settings = QUICK_SETTINGS if args.quick else COMPARE_SETTINGS if args.compare_modes else FULL_SETTINGS
     epochs = 3 if args.quick else None
-    rows = [row for name in ("digits", "mnist1d") for row in quality(name, seeds, settings, epochs)]
+    name = "grad_l1_quick" if args.quick else "grad_l1"
+    saved_path = common.RESULTS / f"{name}.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {"rows": [], "cost": []}
+    if args.add_seeds:
+        seeds = args.add_seeds
+    rows = [row for setup in ("digits", "mnist1d") for row in quality(setup, seeds, settings, epochs)]
+    if args.add_seeds:
+        labels = {s.label for s in settings}
+        rows = [r for r in saved["rows"] if r["seed"] not in seeds and r["setting"] in labels] + rows
     steps = 5 if args.quick else args.cost_steps
-    costs = []
-    for threads in sorted({1, timing_threads}):
+    costs = saved["cost"] if args.keep_cost else []
+    for threads in [] if args.keep_cost else sorted({1, timing_threads}):
         torch.set_num_threads(threads)
         for act_weight in (0.0, 0.01):
             c = step_cost(steps, act_weight)
@@ -246,7 +261,6 @@ def main() -> None:
                   f"exact {1000 * c['grad_l1_s']:.1f} ms ({c['ratio']:.2f}x), finite difference "
                   f"{1000 * c['fd_s']:.1f} ms ({c['fd_ratio']:.2f}x) (load average {c['load_avg_1min']:.1f})",
                   flush=True)
-    name = "grad_l1_quick" if args.quick else "grad_l1"
     payload = {"bits": [str(b) for b in BITS], "settings": [s.__dict__ for s in settings], "rows": rows,
                "cost": costs, "quick": args.quick, "train_threads": args.threads, "timing_threads": timing_threads}
     paths = common.save_results(name, payload, markdown(rows, settings, costs))

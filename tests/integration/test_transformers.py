@@ -222,3 +222,27 @@ def test_consumers_read_hf_dict_batches() -> None:
     assert len(diag.layers) == 17 and diag.num_samples == BATCH
     with pytest.raises(TypeError, match="evaluate needs labelled batches"):
         evaluate(_gpt2(), _batches("gpt2"))
+
+
+@pytest.mark.parametrize("search", ["sensitivity", "reinforce"])
+def test_mixed_precision_search_on_dict_batches(search: str) -> None:
+    from qready.sharpness import bops, layer_macs, ptq_mixed, search_mixed_precision
+
+    bert, batches = _bert(), _batches("bert")
+    example = batches[0]
+    macs = layer_macs(bert, example)
+    # a Linear's MACs per sample: in x out per token (the pooler and classifier see one vector per sample)
+    query = bert.bert.encoder.layer[0].attention.self.query
+    assert macs["bert.encoder.layer.0.attention.self.query"] == TOKENS * query.in_features * query.out_features
+    assert macs["classifier"] == bert.classifier.in_features * bert.classifier.out_features
+    assert layer_macs(bert, example[0]) == macs  # the dict alone, or the (dict, labels) pair
+    select = Selector(types=(nn.Linear,))
+    names = [item.name for item in select.select(bert)]
+    target = bops(bert, example, dict.fromkeys(names, 4), 32).total
+    extra = {"steps": 3, "samples": 4, "seed": 0} if search == "reinforce" else {}
+    result = search_mixed_precision(bert, batches, example, target, search=search, bits=(2, 4, 8), a_bits=None,
+                                    select=select, loss="kl", rho=0.0, batches=1, **extra)
+    assert set(result.config) == set(names) and result.bops <= target
+    assert _logits(ptq_mixed(bert, result.config, QuantSpec(bits=8, granularity="channel")), batches[0]).isfinite().all()
+    with pytest.raises(ValueError, match="example batch"):
+        layer_macs(bert, "not a batch")

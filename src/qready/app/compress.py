@@ -83,19 +83,18 @@ def _prepare_mixed(job: CompressJob, search: dict[str, Any], options: dict[str, 
     :func:`qready.sharpness.search_mixed_precision`; the budget ``target`` defaults to the BOPs of the
     block's uniform configuration), write the per-layer evidence (``mixed_precision.json``/``.md``) next
     to the fine-tuning checkpoints, and attach the QAT quantizers of that configuration."""
-    from ..batching import batch_inputs
     from ..sharpness.bops import LAYER_TYPES, layer_macs
     from ..sharpness.mixed import config_bops, prepare_mixed, search_mixed_precision
     from ..sharpness.mixed_report import write_evidence
 
     c = job.config
     a_bits = "same" if c.a_bits == c.w_bits else c.a_bits
-    shape = tuple(batch_inputs(next(iter(job.train_loader))).shape[1:])
+    example = next(iter(job.train_loader))  # MACs per sample from a real batch: any batch form
     selector = Selector(types=LAYER_TYPES, first_last=c.first_last)
-    macs = layer_macs(job.model, shape)
+    macs = layer_macs(job.model, example)
     uniform = {item.name: item.bits_override or c.w_bits for item in selector.select(job.model)}
     target = search.pop("target", None) or config_bops(macs, uniform, a_bits)
-    result = search_mixed_precision(job.model, job.train_loader, shape, target, a_bits=a_bits, select=selector,
+    result = search_mixed_precision(job.model, job.train_loader, example, target, a_bits=a_bits, select=selector,
                                     **search)
     if job.fit_kwargs.get("run_dir") is not None:
         write_evidence(result.to_dict(macs, a_bits), job.fit_kwargs["run_dir"])

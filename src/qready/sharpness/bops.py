@@ -7,8 +7,9 @@ Per layer ``BOPs = MACs · b_w · b_a`` with, for one input sample,
 * ``Linear``: ``MACs = in · out`` (times the leading dimensions of a ``[1, ..., in]`` input, e.g.
   tokens).
 
-MACs are measured with forward hooks on one dummy input ``zeros(1, *input_shape)`` in eval mode
-(a layer run several times counts every call).
+MACs are measured with forward hooks in eval mode (a layer run several times counts every call) on
+one dummy input ``zeros(1, *input_shape)``, or on an example batch of any form :mod:`qready.batching`
+accepts (a dict of keyword arguments for Hugging Face models), divided by its number of samples.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..batching import ACCEPTED_FORMS, Inputs, batch_inputs, forward, inputs_size, model_device, move_inputs
 from ..checks import check_int
 from ..quant.qat.quantizers import ActivationQAT
 
@@ -78,34 +80,53 @@ def _macs_hook(macs: dict[str, int], name: str):
     return hook
 
 
+ShapeOrBatch = Sequence[int] | Inputs | tuple[Inputs, torch.Tensor]
+
+
+def _example(model: nn.Module, input_shape: ShapeOrBatch) -> tuple[Inputs, int]:
+    """The inputs to measure on and their number of samples."""
+    if isinstance(input_shape, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in input_shape):
+        shape = tuple(input_shape)
+        if not shape or not all(s > 0 for s in shape):
+            raise ValueError("input_shape must be a non-empty sequence of positive ints (no batch dim) or an "
+                             f"example batch; got {input_shape!r}")
+        ref = next(iter(model.parameters()), None)
+        x = torch.zeros((1, *shape), device=ref.device if ref is not None else None,
+                        dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+        return x, 1
+    try:
+        inputs = batch_inputs(input_shape)
+    except (TypeError, ValueError) as err:
+        raise ValueError("input_shape must be one sample's shape (a sequence of positive ints, no batch dim) or "
+                         f"an example batch ({ACCEPTED_FORMS}); got {type(input_shape).__name__}") from err
+    return move_inputs(inputs, model_device(model)), inputs_size(inputs)
+
+
 @torch.no_grad()
-def layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+def layer_macs(model: nn.Module, input_shape: ShapeOrBatch) -> dict[str, int]:
     """MACs per sample of every Conv1d/2d/3d and Linear layer that runs (name -> MACs, layer order).
 
-    ``input_shape``: one sample's shape, without the batch dimension (e.g. ``(1, 8, 8)``).
+    ``input_shape``: one sample's shape, without the batch dimension (e.g. ``(1, 8, 8)``), or an
+    example batch of any :mod:`qready.batching` form (e.g. a Hugging Face tokenizer's dict); MACs of
+    a batch are divided by its number of samples (rounded down).
     """
-    shape = tuple(input_shape)
-    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ValueError(f"input_shape must be a non-empty sequence of positive ints (no batch dim); got {input_shape!r}")
     late = [n for n, m in model.named_modules() if isinstance(m, ActivationQAT) and not m.initialized]
     if late:
         raise ValueError(f"activation quantizers {late} are not initialised; a dummy forward would initialise them "
                          "from zeros: compute BOPs on the float model or after calibration")
-    ref = next(iter(model.parameters()), None)
-    x = torch.zeros((1, *shape), device=ref.device if ref is not None else None,
-                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+    inputs, samples = _example(model, input_shape)
     macs: dict[str, int] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
     handles = [m.register_forward_hook(_macs_hook(macs, n)) for n, m in layers]
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        forward(model, inputs)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {n: macs[n] for n, _ in layers if n in macs}
+    return {n: macs[n] // samples for n, _ in layers if n in macs}
 
 
 def _bits_for(bits: BitsLike, names: Sequence[str], arg: str) -> dict[str, int]:
@@ -136,7 +157,7 @@ def bops_from_macs(macs: Mapping[str, int], w_bits: BitsLike, a_bits: BitsLike) 
     return BopsReport(tuple(LayerBops(n, macs[n], wb[n], ab[n]) for n in names))
 
 
-def bops(model: nn.Module, input_shape: Sequence[int], w_bits: BitsLike = 32, a_bits: BitsLike = 32) -> BopsReport:
+def bops(model: nn.Module, input_shape: ShapeOrBatch, w_bits: BitsLike = 32, a_bits: BitsLike = 32) -> BopsReport:
     """BOPs of ``model`` for one sample of ``input_shape`` (no batch dim).
 
     ``w_bits`` / ``a_bits``: one bit width for every Conv/Linear layer, or a dict ``name -> bits``

@@ -38,7 +38,7 @@ from ..quant.select import Selector, as_selector
 from ..quant.spec import QuantSpec
 from . import search_reinforce, search_sensitivity  # noqa: F401  (register the search methods)
 from .ascent import check_rho
-from .bops import LAYER_TYPES, layer_macs
+from .bops import LAYER_TYPES, ShapeOrBatch, layer_macs
 from .search import (
     OBJECTIVES,
     SEARCHES,
@@ -85,7 +85,7 @@ def _search_data(model: nn.Module, calib: Iterable, batches: int, loss: str) -> 
 def search_mixed_precision(
     model: nn.Module,
     calib: Iterable,
-    input_shape: Sequence[int],
+    input_shape: ShapeOrBatch,
     target_bops: float,
     *,
     search: str = "sensitivity",
@@ -106,7 +106,8 @@ def search_mixed_precision(
         model: the float model (not modified).
         calib: batches (any form of :mod:`qready.batching`; labelled for ``loss="ce"``); the first
             ``batches`` calibrate the quantizers and measure every loss.
-        input_shape: one sample's shape (no batch dim), for the MACs.
+        input_shape: one sample's shape (no batch dim), or an example batch (e.g. a dict of model
+            keyword arguments), for the MACs (see :func:`~.bops.layer_macs`).
         target_bops: the budget ``T`` (e.g. ``bops(model, shape, 3, 3).total`` restricted to the layers).
         search: ``"sensitivity"`` or ``"reinforce"``; ``options`` go to that method
             (:func:`~.search_sensitivity.sensitivity_search`: ``candidates``, ``w_range``, ``a_range``,

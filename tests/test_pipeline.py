@@ -201,3 +201,24 @@ def test_sweep_uses_the_recipes_calib_batches():
 
     runner.sweep_recipe(replace(prepared, train_loader=Counting()))
     assert len(prepared.train_loader) > 2 and len(drawn) == 2
+
+
+def test_recipe_exports_to_core_ml(tmp_path):
+    pytest.importorskip("coremltools", reason="coremltools is not installed (pip install 'qready[coreml]')")
+    from qready.export.decode import read_coreml
+
+    recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
+    recipe = {**recipe, "sweep": {"bits": [4], "ranges": ["minmax"]}, "export": {"format": "coreml", "bits": 4}}
+    root = run_recipe(recipe, tmp_path / "run", progress=False)
+    sizes = json.loads((root / "export.json").read_text())
+    assert sizes["format"] == "coreml" and sizes["file"] == "model.mlpackage" and sizes["bytes"] > 0
+    meta, stored = read_coreml(root / "export" / "model.mlpackage")
+    # every weight stored as 4-bit per-channel integers (the recipe's grid), not as look-up tables
+    assert stored and {(w.kind, w.bits) for w in stored.values()} == {("linear", 4)}
+
+
+def test_core_ml_export_bits_are_checked():
+    from qready.recipe import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError, match="Core ML"):
+        recipe_from_dict({"export": {"format": "coreml", "bits": 3}})

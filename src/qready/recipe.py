@@ -163,7 +163,8 @@ def _compress_option_names(method: str) -> list[str]:
 
         return ["weight", *option_names("cluster")]
     return [f.name for f in dataclasses.fields(PALETTIZERS.get(method))]
-EXPORT_FORMATS: tuple[str, ...] = ("none", "packed", "onnx")
+EXPORT_FORMATS: tuple[str, ...] = ("none", "packed", "onnx", "coreml")
+COREML_BITS: tuple[int, ...] = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,9 @@ class CompressConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     """What ``qready run`` exports: ``packed`` (bit-packed codes + scales/LUTs in safetensors),
-    ``onnx`` (QuantizeLinear/DequantizeLinear) or ``none``. Without a compress stage the exported model
-    is the PTQ model at ``bits`` (per-channel min-max)."""
+    ``onnx`` (QuantizeLinear/DequantizeLinear), ``coreml`` (an ``.mlpackage`` with compressed weights;
+    needs the ``coreml`` extra) or ``none``. Without a compress stage the exported model is the PTQ
+    model at ``bits`` (per-channel min-max; Core ML: 4 or 8 bits)."""
 
     format: str = "none"
     bits: int = 4
@@ -230,6 +232,8 @@ class ExportConfig:
             raise RecipeError(f"export.bits must be one of {list(WEIGHT_BITS)}; got {self.bits!r}")
         if self.format not in EXPORT_FORMATS:
             raise RecipeError(f"export.format must be one of {list(EXPORT_FORMATS)}; got {self.format!r}")
+        if self.format == "coreml" and self.bits not in COREML_BITS:
+            raise RecipeError(f"export.bits must be one of {list(COREML_BITS)} for Core ML; got {self.bits!r}")
 
 
 @dataclass(frozen=True)

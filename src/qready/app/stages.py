@@ -21,6 +21,8 @@ from ..quant.spec import QuantSpec
 from ..recipe import Recipe, load_recipe, save_recipe
 from ..train import fit, load_model_weights, seed_everything
 
+EXPORT_SUFFIX = {"packed": ".qready", "onnx": ".onnx", "coreml": ".mlpackage"}  # file name ending per format
+
 log = logging.getLogger("qready")
 
 
@@ -264,7 +266,7 @@ def export_model(model: nn.Module, prepared: Prepared, run_dir: Path, *, fmt: st
     from safetensors.torch import save
 
     fmt = fmt or prepared.recipe.export.format
-    target = target or run_dir / "export" / ("model.onnx" if fmt == "onnx" else "model.qready")
+    target = target or run_dir / "export" / f"model{EXPORT_SUFFIX.get(fmt, '.qready')}"
     fp32_bytes = len(save({k: v.detach().float().contiguous().clone() for k, v in prepared.model.state_dict().items()
                            if v.is_floating_point()}))
     meta = checkpoint_meta(prepared.recipe, prepared)["model"]
@@ -298,14 +300,16 @@ def export_stage(prepared: Prepared, run_dir: Path) -> dict:
 
     recipe = prepared.recipe
     if recipe.compress is not None:
-        suffix = ".onnx" if recipe.export.format == "onnx" else ".qready"
+        suffix = EXPORT_SUFFIX.get(recipe.export.format, ".qready")
         sizes = export_checkpoint(run_dir / "compressed", fmt=recipe.export.format,
                                   out=run_dir / "export" / f"model{suffix}")
         (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
         return sizes
     bits = recipe.export.bits
-    qmodel = ptq(prepared.model, QuantSpec(bits=bits, granularity="channel"))
-    sizes = export_model(qmodel, prepared, run_dir, w_bits=bits)
+    spec = QuantSpec(bits=bits, granularity="channel")
+    qmodel = ptq(prepared.model, spec)
+    # Core ML stores the weights on this grid (without it, as look-up tables)
+    sizes = export_model(qmodel, prepared, run_dir, w_bits=bits, spec=spec if recipe.export.format == "coreml" else None)
     (run_dir / "export.json").write_text(json.dumps(sizes, indent=2))
     return sizes
 
@@ -365,7 +369,7 @@ def export_checkpoint(ckpt: Path, *, fmt: str = "packed", bits: int | None = Non
             raise ValueError("--a-bits: Core ML and --weights-only exports hold quantized weights only")
     if weights_only and fmt != "onnx":
         raise ValueError(f"--weights-only applies to --format onnx; got --format {fmt}")
-    suffix = {"onnx": ".onnx", "coreml": ".mlpackage"}.get(fmt, ".qready")
+    suffix = EXPORT_SUFFIX.get(fmt, ".qready")
     target = out or ckpt.parent / (f"{ckpt.name}{suffix}" if row is not None else f"model_w{bits}{suffix}")
     check_writable(target.parent)
     prepared = prepare_from_checkpoint(ckpt, data_root=data_root)

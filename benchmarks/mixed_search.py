@@ -15,11 +15,12 @@ from different photos). Budgets: the BOPs of uniform W3 and W4 weights over ever
 model's outputs (``loss="kl"``, ρ = 0: the plain loss) on one batch of 16 calibration crops over
 bits {2,4,8} (REINFORCE: 40 updates of 8 samples, supernet quantizers STE with MSE ranges, per
 channel); the configuration is applied with ``ptq_mixed`` (per-channel symmetric MSE weights, as the
-uniform PTQ). Crops are 64 px: on the shared 2-core CPU this part was run on, one forward of 48
-crops at 128 px took 11 s, which put full-size searches out of reach; fidelity is measured at the
-same resolution for every configuration, so the comparison stays fair, but the float model's own
-predictions at 64 px are far from its 224 px ones. Fidelity to the float model on the
-held-out crops: top-1 agreement, KL, SQNR.
+uniform PTQ) and, separately, fine-tuned by a short label-free distillation QAT (``prepare_mixed``
+with LSQ per-channel weight quantizers, weight-only; teacher: the float model; Adam, cosine, BatchNorm
+frozen; every configuration, uniform ones included, gets the same steps on the calibration crops).
+Crops are 128 px (a compromise for the 2-core CPU; fidelity is measured at the same resolution for
+every configuration, so the comparison stays fair). Fidelity to the float model on the held-out
+crops: top-1 agreement, KL, SQNR.
 
     python -m benchmarks.mixed_search [--quick] [--part small|mobilenet|all]
 """
@@ -49,7 +50,8 @@ SMALL = {"bits": (2, 3, 4, 5), "rho": 0.05, "batches": 2}
 SMALL_REINFORCE = {"steps": 20, "samples": 8}
 UNIFORM_SMALL = BUDGETS
 MOBILE = {"bits": (2, 4, 8), "rho": 0.0, "batches": 1, "loss": "kl", "a_bits": None}
-MOBILE_SIZE, MOBILE_BATCH = 64, 16
+MOBILE_SIZE, MOBILE_BATCH = 128, 16
+MOBILE_QAT = {"steps": 40, "batch": 16, "lr": 1e-4, "optimizer": "adam"}
 UNIFORM_MOBILE = (2, 3, 4, 8)
 MOBILE_REINFORCE = {"steps": 40, "samples": 8, "method": "ste", "range_method": "mse", "granularity": "channel"}
 WEIGHT_SPEC = QuantSpec(bits=8, granularity="channel", range="mse")
@@ -115,8 +117,14 @@ def mobilenet(quick: bool) -> dict:
     from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
     from qready.evaluate.fidelity import fidelity
 
+    from types import SimpleNamespace
+
+    from benchmarks.pretrained import fine_tune
+
+    torch.set_num_threads(2)
     model = pretrained_mobilenet_v2()
     sets = photo_sets(size=MOBILE_SIZE, tune_crops=4 if quick else 8, eval_crops=4 if quick else 24)
+    qat_args = SimpleNamespace(**dict(MOBILE_QAT, steps=2 if quick else MOBILE_QAT["steps"]))
     calib = [sets.tune[i:i + MOBILE_BATCH] for i in range(0, len(sets.tune), MOBILE_BATCH)]
     evaluation = [sets.eval[i:i + 64] for i in range(0, len(sets.eval), 64)]
     shape = tuple(sets.tune.shape[1:])
@@ -127,17 +135,27 @@ def mobilenet(quick: bool) -> dict:
         f = fidelity(model, qmodel, evaluation)
         return {k: f[k] for k in ("agreement", "kl", "sqnr_db")}
 
+    def after_qat(config: dict[str, int]) -> dict:
+        """Fidelity after the short distillation QAT of ``config`` (weight-only LSQ, per channel)."""
+        tuned, cost = fine_tune(model, sets, qat_args, lambda m: [], prepare=lambda m: prepare_mixed(
+            m, config, method="lsq", a_bits=None, inplace=True, w_granularity="channel"))
+        return score(tuned) | {"cpu_s": cost["cpu_s"], "steps": cost["steps"]}
+
     for b in UNIFORM_MOBILE:
         qmodel = ptq(model, QuantSpec(bits=b, granularity="channel", range="mse"), select=Selector(types=LAYER_TYPES))
         out["uniform"][b] = {"bops": bops(model, shape, dict.fromkeys(layers, b), 32).total, **score(qmodel)}
+        if b in BUDGETS:
+            out["uniform"][b]["qat"] = after_qat(dict.fromkeys(layers, b))
     options = dict(MOBILE, bits=(2, 4, 8)) if quick else MOBILE
     for b in BUDGETS:
         for search in SEARCHES:
             extra = (dict(MOBILE_REINFORCE, steps=2) if quick else MOBILE_REINFORCE) if search == "reinforce" else {}
             found = _search(model, calib, shape, out["uniform"][b]["bops"], search, **options, **extra)
             found |= score(ptq_mixed(model, found["config"], WEIGHT_SPEC))
+            found["qat"] = after_qat(found["config"])
             out["mixed"][f"W{b}/{search}"] = found
-            print(f"mobilenet W{b} {search}: agreement {found['agreement']:.1f} ({found['seconds']:.0f} s)", flush=True)
+            print(f"mobilenet W{b} {search}: agreement {found['agreement']:.1f}, after QAT {found['qat']['agreement']:.1f} "
+                  f"({found['seconds']:.0f} s)", flush=True)
     return out
 
 
@@ -197,12 +215,18 @@ def small_markdown(results: dict, seeds: Sequence[int]) -> list[str]:
 def mobile_markdown(res: dict) -> list[str]:
     parts = [f"## Pretrained MobileNetV2, weight-only PTQ, label-free ({res['layers']} layers)\n",
              f"Data: {res['data']}. Fidelity to the float model on the held-out crops.\n"]
-    header = ["configuration", "BOPs (G)", "agreement (%)", "KL", "SQNR (dB)", "search (s)", "bits used"]
+    header = ["configuration", "BOPs (G)", "PTQ agreement (%)", "PTQ KL", "PTQ SQNR (dB)",
+              "QAT agreement (%)", "QAT KL", "search (s)", "bits used"]
+
+    def qat_cells(row: dict) -> list[str]:
+        q = row.get("qat")
+        return [f"{q['agreement']:.1f}", f"{q['kl']:.4f}"] if q else ["", ""]
+
     lines = [[f"uniform W{b}", f"{u['bops'] / 1e9:.2f}", f"{u['agreement']:.1f}", f"{u['kl']:.4f}",
-              f"{u['sqnr_db']:.2f}", "", ""] for b, u in res["uniform"].items()]
+              f"{u['sqnr_db']:.2f}", *qat_cells(u), "", ""] for b, u in res["uniform"].items()]
     for key, m in res["mixed"].items():
         lines.append([key, f"{m['bops'] / 1e9:.2f}", f"{m['agreement']:.1f}", f"{m['kl']:.4f}", f"{m['sqnr_db']:.2f}",
-                      f"{m['seconds']:.0f}", _bits_summary(m["config"])])
+                      *qat_cells(m), f"{m['seconds']:.0f}", _bits_summary(m["config"])])
     parts.append(markdown_table(header, lines))
     for key, m in res["mixed"].items():
         top = sorted(m["layers"], key=lambda r: -r["bits"])[:6]
@@ -238,6 +262,11 @@ def frontier_points(results: dict) -> dict[str, list[dict]]:
         points += [{"method": "uniform", "bops": u["bops"], "value": u["agreement"]} for u in res["uniform"].values()]
         points += [{"method": key.split("/")[1], "bops": m["bops"], "value": m["agreement"]}
                    for key, m in res["mixed"].items()]
+        qat = [(u, "uniform") for b, u in res["uniform"].items() if "qat" in u]
+        qat += [(m, key.split("/")[1]) for key, m in res["mixed"].items() if "qat" in m]
+        if qat:
+            panels["MobileNetV2 after distillation QAT: agreement (%)"] = [
+                {"method": method, "bops": row["bops"], "value": row["qat"]["agreement"]} for row, method in qat]
     return panels
 
 
@@ -261,10 +290,15 @@ def verdict(payload: dict) -> list[str]:
     if "mobilenet" in payload:
         res = payload["mobilenet"]
         for b in BUDGETS:
-            for metric, sign in (("agreement", 1), ("kl", -1)):
-                means = {"uniform": res["uniform"][b][metric]}
-                means |= {s: res["mixed"][f"W{b}/{s}"][metric] for s in SEARCHES}
-                cells.append((f"MobileNetV2 W{b} weight budget ({metric} to float)", means, sign))
+            for stage in ("PTQ", "QAT"):
+                rows = {"uniform": res["uniform"][b]} | {s: res["mixed"][f"W{b}/{s}"] for s in SEARCHES}
+                if stage == "QAT":
+                    if not all("qat" in r for r in rows.values()):
+                        continue
+                    rows = {k: r["qat"] for k, r in rows.items()}
+                for metric, sign in (("agreement", 1), ("kl", -1)):
+                    means = {k: r[metric] for k, r in rows.items()}
+                    cells.append((f"MobileNetV2 W{b} weight budget, after {stage} ({metric} to float)", means, sign))
     lines = ["## Verdict\n"]
     for label, means, sign in cells:  # sign: 1 higher is better, -1 lower is better
         best = max(sign * v for v in means.values()) * sign
@@ -312,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seeds": seeds, "base_epochs": base_epochs, "qat_epochs": qat_epochs, "first_last": FIRST_LAST,
         "small_search": {k: list(v) if isinstance(v, tuple) else v for k, v in SMALL.items()},
         "mobilenet_search": {k: list(v) if isinstance(v, tuple) else v for k, v in MOBILE.items()},
-        "small_reinforce": SMALL_REINFORCE, "mobilenet_reinforce": MOBILE_REINFORCE}}
+        "small_reinforce": SMALL_REINFORCE, "mobilenet_reinforce": MOBILE_REINFORCE,
+        "mobilenet_qat": MOBILE_QAT, "mobilenet_size": MOBILE_SIZE}}
     if previous.is_file() and (args.render or args.part != "all"):  # keep the other part of an earlier run
         kept = json.loads(previous.read_text())
         payload |= {k: _int_keys(kept[k]) for k in ("small", "mobilenet") if k in kept}

@@ -113,8 +113,9 @@ def fine_tune(model: nn.Module, sets: PhotoSets, args: argparse.Namespace,
     steps = steps or args.steps
     per_epoch = math.ceil(len(sets.tune) / args.batch)
     epochs = math.ceil(steps / per_epoch)
-    cfg = TrainConfig(epochs=epochs, batch_size=args.batch, optimizer="sgd", lr=args.lr, momentum=0.9,
-                      schedule="cosine", nonfinite="stop")
+    optimizer = getattr(args, "optimizer", "sgd")
+    cfg = TrainConfig(epochs=epochs, batch_size=args.batch, optimizer=optimizer, lr=args.lr,
+                      momentum=0.9 if optimizer == "sgd" else 0.0, schedule="cosine", nonfinite="stop")
     loader = DataLoader(sets.tune, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     cpu, wall = time.process_time(), time.perf_counter()
     fit(student, loader, cfg, objective=objective, loss_terms=terms, seed=0, progress=False)

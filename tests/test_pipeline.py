@@ -222,3 +222,16 @@ def test_core_ml_export_bits_are_checked():
 
     with pytest.raises(RecipeError, match="Core ML"):
         recipe_from_dict({"export": {"format": "coreml", "bits": 3}})
+
+
+def test_mixed_precision_evidence_reaches_compress_json_and_the_report(tmp_path):
+    recipe = {k: v for k, v in RECIPE.items() if k != "grid"}
+    recipe = {**recipe, "sweep": {"bits": [8], "ranges": ["minmax"]},
+              "compress": {"method": "lsq", "w_bits": 4, "a_bits": 4, "epochs": 1,
+                           "options": {"mixed": {"search": "sensitivity", "bits": [2, 4, 8], "batches": 1}}}}
+    root = run_recipe(recipe, tmp_path / "run", progress=False)
+    mixed = json.loads((root / "compress.json").read_text())["mixed_precision"]
+    assert mixed["search"] == "sensitivity" and mixed["bops"] <= mixed["target"]
+    assert {r["bits"] for r in mixed["layers"]} <= {2, 4, 8}
+    report = (root / "report.md").read_text()
+    assert "## Mixed precision: main" in report and "Δ loss per bit width" in report

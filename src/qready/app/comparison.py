@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from ..evaluate.report import markdown_table
+from ..sharpness.mixed_report import layer_table
 
 
 def _mean_std(values: list[float]) -> str:
@@ -184,6 +185,10 @@ def write_comparison(root: Path) -> tuple[Path, Path]:
         md.append("\n## Accuracy vs bits\n\n![accuracy vs bits](curves.png)\n")
     for name, png in histograms:
         md.append(f"\n## Weights: {name}\n\n![weights {name}]({png.relative_to(root) if png.is_relative_to(root) else png})\n")
+    for exp in experiments:
+        mixed = exp.get("compress", {}).get("mixed_precision")
+        if mixed is not None:
+            md.append(f"\n## Mixed precision: {exp['id']}\n\n{layer_table(mixed)}\n")
     md_path = root / "report.md"
     md_path.write_text("\n".join(md))
 

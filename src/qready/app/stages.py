@@ -251,6 +251,9 @@ def compress_stage(prepared: Prepared, run_dir: Path, *, progress: bool = True) 
                                                          "activations": activation_layout(model)})
     plot_weight_histograms(prepared.model, model, run_dir / "weights.png")
     out = {"row": row}
+    evidence = run_dir / "compress" / "mixed_precision.json"  # written by this stage's mixed-precision search
+    if c.options.get("mixed") is not None and evidence.is_file():
+        out["mixed_precision"] = json.loads(evidence.read_text())
     (run_dir / "compress.json").write_text(json.dumps(out, indent=2))
     return out
 

@@ -10,8 +10,15 @@ before it. :class:`SequentialPasses` does that with bounded memory:
 * inside an ``nn.Sequential`` called once per forward (a CNN's feature stack, a ResNet stage) the
   input of the container is cached for all calibration batches and advanced child by child: a block
   inside child ``i`` then costs a pass through child ``i`` only, and a layer that *is* a child reads the
-  cached input directly. At most one such cached activation of the calibration set (plus the next
-  one while advancing) is held at a time, besides one block's Hessians.
+  cached input directly;
+* once such a container is done, its outputs for the calibration batches are kept and *replayed*
+  (returned instead of recomputed) by the later passes of the module that holds it: the layers after
+  a finished feature stack, or the residual block around a finished branch, cost only their own part
+  of the forward pass. So every layer runs about once on the calibration set.
+
+Memory: one block's Hessians, the cached input of the container being advanced (and its next value
+while advancing), and the replayed outputs of the finished containers of the modules being processed
+(one per nesting level; each the size of one activation of the calibration set).
 
 Without ``nn.Sequential`` containers (or for layers outside them) the cost is one forward pass, up
 to the block, per block of layers.
@@ -19,7 +26,8 @@ to the block, per block of layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,12 +57,45 @@ def run_module(module: nn.Module, x: torch.Tensor) -> Any:
     return module(x)
 
 
-def _forward_all(module: nn.Module, inputs: list, run: Run) -> None:
-    for x in inputs:
+def _forward_all(module: nn.Module, inputs: list, run: Run, replay: Replay | None = None) -> None:
+    for index, x in enumerate(inputs):
+        if replay is not None:
+            replay.index = index
         try:
             run(module, x)
         except _Stop:
             pass
+
+
+class Replay:
+    """Cached outputs of finished containers, served in place of their forward pass.
+
+    ``outputs[module][i]`` is ``module``'s output for calibration batch ``i``; inside :meth:`serving`,
+    calling ``module`` returns ``outputs[module][self.index]`` without computing anything (the passes
+    set ``index`` to the batch being forwarded).
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[nn.Module, list] = {}
+        self.index = 0
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Replace the forward of every cached module by a look-up, for the duration of the block."""
+        patched = []
+        try:
+            for module, outputs in self.outputs.items():
+                module.forward = self._lookup(outputs)  # an instance attribute shadows the class's forward
+                patched.append(module)
+            yield
+        finally:
+            for module in patched:
+                del module.forward
+
+    def _lookup(self, outputs: list) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return outputs[self.index]
+        return forward
 
 
 @torch.no_grad()
@@ -93,11 +134,12 @@ def execution_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], inpu
 
 @torch.no_grad()
 def capture_stats(module: nn.Module, layers: list[tuple[str, nn.Module]], inputs: list, *, with_hessian: bool,
-                  calls: dict[str, int] | None = None, run: Run = run_model) -> dict[str, LayerStats]:
+                  calls: dict[str, int] | None = None, run: Run = run_model,
+                  replay: Replay | None = None) -> dict[str, LayerStats]:
     """Forward ``inputs`` through ``module`` (with ``run``) and return each layer's input statistics.
 
     With ``calls`` (calls per forward of each layer) each forward pass stops as soon as every layer of
-    ``layers`` has been called that many times.
+    ``layers`` has been called that many times. ``replay``: finished containers served from cache.
     """
     collectors = {name: StatsCollector(layer, with_hessian) for name, layer in layers}
     seen = dict.fromkeys(collectors, 0)
@@ -114,9 +156,12 @@ def capture_stats(module: nn.Module, layers: list[tuple[str, nn.Module]], inputs
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
     try:
-        for x in inputs:
-            seen.update(dict.fromkeys(seen, 0))
-            _forward_all(module, [x], run)
+        with replay.serving() if replay is not None else contextlib.nullcontext():
+            for index, x in enumerate(inputs):
+                seen.update(dict.fromkeys(seen, 0))
+                if replay is not None:
+                    replay.index = index
+                _forward_all(module, [x], run)
     finally:
         for h in handles:
             h.remove()
@@ -124,7 +169,8 @@ def capture_stats(module: nn.Module, layers: list[tuple[str, nn.Module]], inputs
 
 
 @torch.no_grad()
-def capture_inputs(module: nn.Module, target: nn.Module, inputs: list, run: Run) -> list[torch.Tensor]:
+def capture_inputs(module: nn.Module, target: nn.Module, inputs: list, run: Run,
+                   replay: Replay | None = None) -> list[torch.Tensor]:
     """The first positional input of ``target`` for each of ``inputs`` forwarded through ``module``
     (each pass stops there)."""
     captured: list[torch.Tensor] = []
@@ -135,7 +181,8 @@ def capture_inputs(module: nn.Module, target: nn.Module, inputs: list, run: Run)
 
     handle = target.register_forward_pre_hook(grab)
     try:
-        _forward_all(module, inputs, run)
+        with replay.serving() if replay is not None else contextlib.nullcontext():
+            _forward_all(module, inputs, run, replay)
     finally:
         handle.remove()
     return captured
@@ -173,14 +220,17 @@ class SequentialPasses:
                  and all(_inside(layer, name) and layer != name for layer in block)]
         return min(found, key=len) if found else None
 
-    def _opaque(self, module: nn.Module, prefix: str, inputs: list, run: Run, blocks: list[list[str]]) -> None:
+    def _opaque(self, module: nn.Module, prefix: str, inputs: list, run: Run, blocks: list[list[str]]) -> Replay:
+        """Quantize ``blocks`` inside ``module`` (whose forward we cannot split) given its ``inputs``;
+        returns the finished containers' outputs, for replay by whoever forwards ``module`` next."""
+        replay = Replay()
         i = 0
         while i < len(blocks):
             container = self._container(prefix, blocks[i])
             if container is None:
                 block = blocks[i]
                 stats = capture_stats(module, [(n, self.layers[n]) for n in block], inputs,
-                                      with_hessian=self.with_hessian, calls=self.calls, run=run)
+                                      with_hessian=self.with_hessian, calls=self.calls, run=run, replay=replay)
                 for name in block:
                     self.finish(name, stats.get(name))
                 i += 1
@@ -189,24 +239,33 @@ class SequentialPasses:
             while i < len(blocks) and all(_inside(n, container) for n in blocks[i]):
                 inner.append(blocks[i])
                 i += 1
-            cached = capture_inputs(module, self.sequentials[container], inputs, run)
-            self._sequential(self.sequentials[container], container, cached, inner)
+            seq = self.sequentials[container]
+            cached = capture_inputs(module, seq, inputs, run, replay)
+            replay.outputs[seq] = self._sequential(seq, container, cached, inner)
+        return replay
 
-    def _sequential(self, seq: nn.Module, prefix: str, xs: list[torch.Tensor], blocks: list[list[str]]) -> None:
-        children = list(seq.named_children())
-        for index, (key, child) in enumerate(children):
+    def _sequential(self, seq: nn.Module, prefix: str, xs: list[torch.Tensor], blocks: list[list[str]]) -> list:
+        """Quantize ``blocks`` inside the container ``seq`` given its inputs ``xs`` (one per calibration
+        batch), advancing them child by child; returns ``seq``'s outputs."""
+        for key, child in seq.named_children():
             name = f"{prefix}.{key}"
             mine = [b for b in blocks if all(_inside(n, name) for n in b)]
+            replay = None
             if mine == [[name]] and name in self.layers:  # the child is the layer: its input is cached
                 collector = StatsCollector(child, self.with_hessian)
                 for x in xs:
                     collector.add(x)
                 self.finish(name, collector.stats)
             elif mine and isinstance(child, nn.Sequential):
-                self._sequential(child, name, xs, mine)
+                xs = self._sequential(child, name, xs, mine)
+                continue
             elif mine:
-                self._opaque(child, name, xs, run_module, mine)
-            later = any(_inside(n, f"{prefix}.{k}") for k, _ in children[index + 1:] for b in blocks for n in b)
-            if not later:
-                return
-            xs = [child(x) for x in xs]
+                replay = self._opaque(child, name, xs, run_module, mine)
+            with replay.serving() if replay is not None else contextlib.nullcontext():
+                advanced = []
+                for index, x in enumerate(xs):
+                    if replay is not None:
+                        replay.index = index
+                    advanced.append(child(x))
+            xs = advanced
+        return xs

@@ -16,8 +16,10 @@ model's outputs (``loss="kl"``, ρ = 0: the plain loss) on one batch of 16 calib
 bits {2,4,8} (REINFORCE: 40 updates of 8 samples, supernet quantizers STE with MSE ranges, per
 channel); the configuration is applied with ``ptq_mixed`` (per-channel symmetric MSE weights, as the
 uniform PTQ) and, separately, fine-tuned by a short label-free distillation QAT (``prepare_mixed``
-with LSQ per-channel weight quantizers, weight-only; teacher: the float model; Adam, cosine, BatchNorm
-frozen; every configuration, uniform ones included, gets the same steps on the calibration crops).
+with STE per-channel weight quantizers and MSE ranges, so training starts exactly at the PTQ model;
+weight-only; teacher: the float model; Adam, cosine, BatchNorm frozen; every configuration, uniform
+ones included, gets the same steps on the calibration crops). ``--reuse-searches`` takes the searched
+configurations from the saved results (same budgets) and only re-scores them.
 Crops are 128 px (a compromise for the 2-core CPU; fidelity is measured at the same resolution for
 every configuration, so the comparison stays fair). Fidelity to the float model on the held-out
 crops: top-1 agreement, KL, SQNR.
@@ -112,14 +114,13 @@ def small(setups: Sequence[str], seeds: Sequence[int], base_epochs: dict, qat_ep
 # --------------------------------------------------------------------------- pretrained MobileNetV2
 
 
-def mobilenet(quick: bool) -> dict:
+def mobilenet(quick: bool, saved: dict | None = None) -> dict:
     """Uniform PTQ and both searches at the uniform W3/W4 budgets, weight-only, fidelity on held-out crops."""
-    from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
-    from qready.evaluate.fidelity import fidelity
-
     from types import SimpleNamespace
 
+    from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
     from benchmarks.pretrained import fine_tune
+    from qready.evaluate.fidelity import fidelity
 
     torch.set_num_threads(2)
     model = pretrained_mobilenet_v2()
@@ -136,9 +137,9 @@ def mobilenet(quick: bool) -> dict:
         return {k: f[k] for k in ("agreement", "kl", "sqnr_db")}
 
     def after_qat(config: dict[str, int]) -> dict:
-        """Fidelity after the short distillation QAT of ``config`` (weight-only LSQ, per channel)."""
+        """Fidelity after the short distillation QAT of ``config`` (weight-only STE, MSE ranges, per channel)."""
         tuned, cost = fine_tune(model, sets, qat_args, lambda m: [], prepare=lambda m: prepare_mixed(
-            m, config, method="lsq", a_bits=None, inplace=True, w_granularity="channel"))
+            m, config, method="ste", a_bits=None, inplace=True, w_granularity="channel", range="mse"))
         return score(tuned) | {"cpu_s": cost["cpu_s"], "steps": cost["steps"]}
 
     for b in UNIFORM_MOBILE:
@@ -150,7 +151,11 @@ def mobilenet(quick: bool) -> dict:
     for b in BUDGETS:
         for search in SEARCHES:
             extra = (dict(MOBILE_REINFORCE, steps=2) if quick else MOBILE_REINFORCE) if search == "reinforce" else {}
-            found = _search(model, calib, shape, out["uniform"][b]["bops"], search, **options, **extra)
+            old = (saved or {}).get("mixed", {}).get(f"W{b}/{search}")
+            if old is not None and old["target"] == out["uniform"][b]["bops"]:
+                found = {k: v for k, v in old.items() if k not in ("qat", "agreement", "kl", "sqnr_db")}
+            else:
+                found = _search(model, calib, shape, out["uniform"][b]["bops"], search, **options, **extra)
             found |= score(ptq_mixed(model, found["config"], WEIGHT_SPEC))
             found["qat"] = after_qat(found["config"])
             out["mixed"][f"W{b}/{search}"] = found
@@ -333,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="digits, 1 seed, short training: a smoke check")
     parser.add_argument("--part", choices=("small", "mobilenet", "all"), default="all")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the saved .json")
+    parser.add_argument("--reuse-searches", action="store_true",
+                        help="MobileNetV2: take the searched configurations from the saved results, re-score them")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -356,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         payload["small"] = small(setups, seeds, base_epochs, qat_epochs, reinforce,
                                  lambda partial: save_results(name, payload | {"small": partial}, "(running)"))
     if not args.render and args.part in ("mobilenet", "all"):
-        payload["mobilenet"] = mobilenet(args.quick)
+        saved = _int_keys(json.loads(previous.read_text())).get("mobilenet") if args.reuse_searches and previous.is_file() else None
+        payload["mobilenet"] = mobilenet(args.quick, saved)
     render(name, payload)
     print((RESULTS / f"{name}.md").read_text())
     print(f"wrote {RESULTS / name}.json/.md/.png ({time.perf_counter() - t0:.0f} s)")

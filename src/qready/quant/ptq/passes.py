@@ -16,9 +16,10 @@ before it. :class:`SequentialPasses` does that with bounded memory:
   a finished feature stack, or the residual block around a finished branch, cost only their own part
   of the forward pass. So every layer runs about once on the calibration set.
 
-Memory: one block's Hessians, the cached input of the container being advanced (and its next value
-while advancing), and the replayed outputs of the finished containers of the modules being processed
-(one per nesting level; each the size of one activation of the calibration set).
+Memory: one block's Hessians, the cached activation of the container being advanced (advanced in
+place, one batch at a time), the inputs of the enclosing modules still to be advanced, and the
+replayed outputs of the finished containers of the modules being processed (one per nesting level;
+each the size of one activation of the calibration set).
 
 Without ``nn.Sequential`` containers (or for layers outside them) the cost is one forward pass, up
 to the block, per block of layers.
@@ -246,7 +247,8 @@ class SequentialPasses:
 
     def _sequential(self, seq: nn.Module, prefix: str, xs: list[torch.Tensor], blocks: list[list[str]]) -> list:
         """Quantize ``blocks`` inside the container ``seq`` given its inputs ``xs`` (one per calibration
-        batch), advancing them child by child; returns ``seq``'s outputs."""
+        batch), advancing them child by child *in place* (each batch's old activation is freed as soon
+        as its next one exists); returns ``xs``, then ``seq``'s outputs."""
         for key, child in seq.named_children():
             name = f"{prefix}.{key}"
             mine = [b for b in blocks if all(_inside(n, name) for n in b)]
@@ -257,15 +259,13 @@ class SequentialPasses:
                     collector.add(x)
                 self.finish(name, collector.stats)
             elif mine and isinstance(child, nn.Sequential):
-                xs = self._sequential(child, name, xs, mine)
+                self._sequential(child, name, xs, mine)
                 continue
             elif mine:
                 replay = self._opaque(child, name, xs, run_module, mine)
             with replay.serving() if replay is not None else contextlib.nullcontext():
-                advanced = []
-                for index, x in enumerate(xs):
+                for index in range(len(xs)):
                     if replay is not None:
                         replay.index = index
-                    advanced.append(child(x))
-            xs = advanced
+                    xs[index] = child(xs[index])
         return xs

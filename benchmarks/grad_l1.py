@@ -23,6 +23,7 @@ seeds kept); ``--keep-cost`` keeps the saved step-cost table instead of timing a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -120,34 +121,35 @@ def quality(setup_name: str, seeds: list[int], settings: list[Setting], epochs: 
 
 def step_cost(steps: int, act_weight: float = 0.0) -> dict:
     """Median step times (s): plain, grad-ℓ1 exact and finite-difference; ResNet-20, batch 32 of 3x32x32,
-    SGD, the three steps interleaved. Each mode is used the documented way: exact as a loss term,
-    finite difference through ``GradL1.step``."""
+    SGD, the three steps interleaved. Each mode is used the documented way, on its own copy of the
+    model (so no mode carries another's activation hooks): exact as a loss term, finite difference
+    through ``GradL1.step``."""
     torch.manual_seed(0)
-    model = create_model("resnet20", num_classes=10, in_channels=3).train()
+    base = create_model("resnet20", num_classes=10, in_channels=3).train()
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    exact = GradL1(model, weight=0.01, act_weight=act_weight)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    models = {mode: copy.deepcopy(base) for mode in ("plain", "exact", "fd")}
+    opts = {mode: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for mode, m in models.items()}
+    exact = GradL1(models["exact"], weight=0.01, act_weight=act_weight)
+    fd = GradL1(models["fd"], weight=0.01, act_weight=act_weight, mode="finite_difference")
 
     def plain() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        opts["plain"].zero_grad(set_to_none=True)
+        F.cross_entropy(models["plain"](x), y).backward()
+        opts["plain"].step()
 
     def with_exact() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        (loss + exact(model, loss=loss)).backward()
-        opt.step()
-
-    fd = GradL1(model, weight=0.01, act_weight=act_weight, mode="finite_difference")
+        opts["exact"].zero_grad(set_to_none=True)
+        loss = F.cross_entropy(models["exact"](x), y)
+        (loss + exact(models["exact"], loss=loss)).backward()
+        opts["exact"].step()
 
     def closure() -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(models["fd"](x), y)
         loss.backward()
         return loss
 
     def with_fd() -> None:
-        fd.step(model, closure, opt)
+        fd.step(models["fd"], closure, opts["fd"])
 
     times = common.interleaved_medians({"plain": plain, "exact": with_exact, "fd": with_fd}, repeats=steps, warmup=3)
     exact.remove()

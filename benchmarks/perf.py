@@ -276,7 +276,7 @@ def main() -> None:
     if "grad_l1" in args.sections:
         results["grad_l1"] = []
         for act_weight in (0.0, 0.01):
-            c = grad_l1.step_cost(5 if args.quick else 15, act_weight)
+            c = grad_l1.step_cost(5 if args.quick else 25, act_weight)
             results["grad_l1"].append(c)
             print(f"grad-l1 (act_weight={act_weight}): plain {1000 * c['plain_s']:.1f} ms, exact {c['ratio']:.2f}x, "
                   f"finite difference {c['fd_ratio']:.2f}x (load {c['load_avg_1min']:.1f})", flush=True)

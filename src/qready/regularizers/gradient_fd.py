@@ -57,6 +57,12 @@ def step_size(weights: Sequence[Tensor], relative: float) -> float:
     return relative * (1.0 + float(norm)) / math.sqrt(n)
 
 
+def l1_norm(g: Tensor, sign: Tensor) -> Tensor:
+    """``‖g‖₁`` as the dot product ``<g, sign(g)>`` (one fused pass; several times faster on CPU than
+    the generic 1-norm reduction)."""
+    return torch.dot(g.reshape(-1), sign.reshape(-1))
+
+
 class ActivationProbe:
     """Hooks on the selected layers for the activation term (their outputs, or the inputs they see).
 
@@ -76,6 +82,7 @@ class ActivationProbe:
         self.directions: dict[str, list[Tensor | None]] = {}
         self.l1: dict[str, list[Tensor | None]] = {}
         self.weights: dict[tuple[str, int], float] = {}
+        self._buffers: dict[tuple[str, int], Tensor] = {}
         self._calls: dict[str, int] = {}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in layers:
@@ -111,8 +118,8 @@ class ActivationProbe:
             tracked = a.view_as(a) if self.site == "input" else a
 
             def store(grad: Tensor) -> None:
-                directions[k] = torch.sign(grad)
-                l1[k] = torch.linalg.vector_norm(grad.detach(), 1)
+                directions[k] = torch.sign(grad, out=self._buffer(name, k, grad))
+                l1[k] = l1_norm(grad.detach(), directions[k])
 
             tracked.register_hook(store)
             return tracked
@@ -121,6 +128,14 @@ class ActivationProbe:
         if direction is None:
             return a
         return torch.add(a, direction, alpha=self.scale * self.weights.get((name, k), 1.0))
+
+    def _buffer(self, name: str, k: int, like: Tensor) -> Tensor:
+        """The direction buffer of call ``k`` of ``name``, kept from step to step: a fresh large tensor
+        every step costs more (allocation, page faults) than the sign itself."""
+        buf = self._buffers.get((name, k))
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[(name, k)] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def records(self) -> list[tuple[str, int]]:
         """``(name, k)`` of every call whose gradient was recorded."""
@@ -158,6 +173,7 @@ class ActivationProbe:
         self.directions.clear()
         self.l1.clear()
         self.weights.clear()
+        self._buffers.clear()
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -219,7 +235,7 @@ def add_penalty_gradient(reg: GradL1, model: nn.Module, closure: Closure, params
     probe = reg.probe
     acts = probe.records() if probe is not None else []
     a_coefs = [reg.act_weight / (probe.directions[n][k].numel() if numel else 1) for n, k in acts]
-    penalty = sum((c * torch.linalg.vector_norm(w.grad, 1) for w, _, c in w_terms), torch.zeros((), device=device))
+    penalty = sum((c * l1_norm(w.grad, s) for w, s, c in w_terms), torch.zeros((), device=device))
     penalty = penalty + sum((c * probe.l1[n][k] for (n, k), c in zip(acts, a_coefs, strict=True)),
                             torch.zeros((), device=device))
     reg.last_penalty = float(penalty)

@@ -28,7 +28,7 @@ to the block, per block of layers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,14 +58,11 @@ def run_module(module: nn.Module, x: torch.Tensor) -> Any:
     return module(x)
 
 
-def _forward_all(module: nn.Module, inputs: list, run: Run, replay: Replay | None = None) -> None:
-    for index, x in enumerate(inputs):
-        if replay is not None:
-            replay.index = index
-        try:
-            run(module, x)
-        except _Stop:
-            pass
+def _forward_until_stop(module: nn.Module, x: Any, run: Run) -> None:
+    try:
+        run(module, x)
+    except _Stop:
+        pass
 
 
 class Replay:
@@ -73,7 +70,7 @@ class Replay:
 
     ``outputs[module][i]`` is ``module``'s output for calibration batch ``i``; inside :meth:`serving`,
     calling ``module`` returns ``outputs[module][self.index]`` without computing anything (the passes
-    set ``index`` to the batch being forwarded).
+    iterate the batches through :meth:`batches`, which sets ``index``). An empty replay serves nothing.
     """
 
     def __init__(self) -> None:
@@ -92,6 +89,12 @@ class Replay:
         finally:
             for module in patched:
                 del module.forward
+
+    def batches(self, items: Iterable) -> Iterator:
+        """``items`` in order, ``index`` following the calibration batch each one belongs to."""
+        for index, item in enumerate(items):
+            self.index = index
+            yield item
 
     def _lookup(self, outputs: list) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -157,12 +160,11 @@ def capture_stats(module: nn.Module, layers: list[tuple[str, nn.Module]], inputs
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
     try:
-        with replay.serving() if replay is not None else contextlib.nullcontext():
-            for index, x in enumerate(inputs):
+        replay = replay or Replay()
+        with replay.serving():
+            for x in replay.batches(inputs):
                 seen.update(dict.fromkeys(seen, 0))
-                if replay is not None:
-                    replay.index = index
-                _forward_all(module, [x], run)
+                _forward_until_stop(module, x, run)
     finally:
         for h in handles:
             h.remove()
@@ -182,8 +184,10 @@ def capture_inputs(module: nn.Module, target: nn.Module, inputs: list, run: Run,
 
     handle = target.register_forward_pre_hook(grab)
     try:
-        with replay.serving() if replay is not None else contextlib.nullcontext():
-            _forward_all(module, inputs, run, replay)
+        replay = replay or Replay()
+        with replay.serving():
+            for x in replay.batches(inputs):
+                _forward_until_stop(module, x, run)
     finally:
         handle.remove()
     return captured
@@ -252,7 +256,7 @@ class SequentialPasses:
         for key, child in seq.named_children():
             name = f"{prefix}.{key}"
             mine = [b for b in blocks if all(_inside(n, name) for n in b)]
-            replay = None
+            replay = Replay()
             if mine == [[name]] and name in self.layers:  # the child is the layer: its input is cached
                 collector = StatsCollector(child, self.with_hessian)
                 for x in xs:
@@ -263,9 +267,7 @@ class SequentialPasses:
                 continue
             elif mine:
                 replay = self._opaque(child, name, xs, run_module, mine)
-            with replay.serving() if replay is not None else contextlib.nullcontext():
-                for index in range(len(xs)):
-                    if replay is not None:
-                        replay.index = index
+            with replay.serving():
+                for index in replay.batches(range(len(xs))):
                     xs[index] = child(xs[index])
         return xs

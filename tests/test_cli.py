@@ -35,6 +35,11 @@ def test_train_then_sweep(tmp_path, recipe_file, capsys):
     rows = json.loads(out_json.read_text())
     assert [r["label"] for r in rows] == ["FP", "W8", "W3", "W8", "W3"]
     assert "W3" in capsys.readouterr().out
+    corrected = tmp_path / "corrected.json"
+    assert main(["sweep", str(run / "checkpoint"), "--bits", "3", "--range", "minmax", "--bias-correction", "model",
+                 "--json", str(corrected)]) == 0
+    w3 = json.loads(corrected.read_text())[1]
+    assert w3["label"] == "W3" and w3["kl"] != rows[2]["kl"]  # the correction changed the quantized model
 
 
 def test_demo_writes_a_run_directory(tmp_path, capsys):

@@ -80,7 +80,8 @@ class SweepConfig:
     """The PTQ sweep after training: bit settings (``8`` weight-only, ``"W4A8"`` weights and
     activations), range methods, granularity, the first/last-layer policy and the PTQ ``method``
     (``rtn`` or ``gptq``, with ``method_options`` such as ``{act_order: true}``; optional
-    ``bias_correction``). ``confidence``: the float model's top-1 probability from which an input
+    ``bias_correction``: ``true``/``layer``, or ``model`` to match the float model's mean layer outputs).
+    ``confidence``: the float model's top-1 probability from which an input
     counts as confident in the agreement-on-confident-inputs column."""
 
     bits: tuple[int | str, ...] = (8, 6, 4, 3, 2)
@@ -91,13 +92,14 @@ class SweepConfig:
     first_last: int | str = "same"
     calib_batches: int = 8
     method: str = "rtn"
-    bias_correction: bool = False
+    bias_correction: bool | str = False
     method_options: dict[str, Any] = field(default_factory=dict)
     confidence: float = 0.5
 
     def __post_init__(self) -> None:
         from .evaluate.sweep import parse_bit_setting
         from .quant.ptq import PTQ_METHODS, build_method
+        from .quant.ptq.bias_correction import bias_correction_target
 
         if self.method not in PTQ_METHODS:
             raise RecipeError(f"sweep.method must be one of {PTQ_METHODS.names()}; got {self.method!r}")
@@ -105,6 +107,10 @@ class SweepConfig:
             build_method(self.method, dict(self.method_options))
         except (TypeError, ValueError) as err:
             raise RecipeError(f"sweep.method_options: {err}") from None
+        try:
+            bias_correction_target(self.bias_correction)
+        except ValueError as err:
+            raise RecipeError(f"sweep.{err}") from None
 
         for i, setting in enumerate(self.bits):
             try:

@@ -48,3 +48,43 @@ def test_output_shift_equals_a_convolution_by_the_weight_change():
         conv.weight.add_(0.1 * torch.randn_like(conv.weight))
     expected = F.conv2d(x, conv.weight - original, None, 2, 1, 2).mean(dim=(0, 2, 3))
     torch.testing.assert_close(output_shift(conv, original, stats).float(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _two_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_model_target_matches_the_float_models_mean_output(method):
+    model = _two_layers()
+    calib = _calib((12,))
+    x = torch.cat(calib)
+    with torch.no_grad():
+        want = model(x).mean(0)
+        gaps = {}
+        for target in ("layer", "model"):
+            qmodel = ptq(model, QuantSpec(bits=2), calib=calib, method=method, bias_correction=target)
+            gaps[target] = (qmodel(x).mean(0) - want).abs().max()
+    # "layer" leaves the shift the quantized first layer causes after the ReLU; "model" removes it
+    assert gaps["model"] < 1e-5
+    assert gaps["layer"] > 100 * gaps["model"]
+
+
+def test_targets_coincide_when_the_inputs_are_the_float_models():
+    model = _two_layers()
+    calib = _calib((12,))
+    layer = ptq(model, QuantSpec(bits=3), calib=calib, bias_correction=True, sequential=False)
+    whole = ptq(model, QuantSpec(bits=3), calib=calib, bias_correction="model", sequential=False)
+    for a, b in zip(layer.parameters(), whole.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # sequentially, the first layer's inputs are the float model's too: same correction there
+    first = ptq(model, QuantSpec(bits=3), calib=calib, bias_correction="model")
+    torch.testing.assert_close(first[0].bias, layer[0].bias, rtol=0, atol=1e-6)
+    assert not torch.allclose(first[2].bias, layer[2].bias, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["float", 1, "Layer"])
+def test_an_unknown_target_is_refused(value):
+    with pytest.raises(ValueError, match=r"bias_correction must be a bool or one of \['layer', 'model'\]"):
+        ptq(_two_layers(), 4, calib=_calib((12,)), bias_correction=value)

@@ -101,4 +101,9 @@ def test_sweep_recipe_and_cli_take_the_method():
         SweepConfig(method="adaround")
     with pytest.raises(RecipeError, match="sweep.method_options"):
         SweepConfig(method="gptq", method_options={"blocks": 3})
+    assert SweepConfig(bias_correction="model").bias_correction == "model"
+    with pytest.raises(RecipeError, match=r"sweep.bias_correction must be a bool or one of \['layer', 'model'\]"):
+        SweepConfig(bias_correction="float")
     assert build_parser().parse_args(["sweep", "ckpt", "--method", "gptq"]).method == "gptq"
+    assert build_parser().parse_args(["sweep", "ckpt", "--bias-correction", "model"]).bias_correction == "model"
+    assert build_parser().parse_args(["sweep", "ckpt"]).bias_correction is None

@@ -93,7 +93,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from .rundir import check_writable
 
         check_writable(Path(args.json).parent)
-    rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range, method=args.method)
+    rows = sweep_recipe(prepared, bits=args.bits, ranges=args.range, method=args.method,
+                        bias_correction=args.bias_correction)
     show_sweep(rows, title=f"PTQ sweep of {args.checkpoint}")
     if args.json:
         from ..train.stats import jsonable
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range", type=_csv, default=None, help="range methods, e.g. minmax,mse,percentile")
     p.add_argument("--method", default=None,
                    help="PTQ method: rtn (round to nearest) or gptq (error-compensating); default: the recipe's")
+    p.add_argument("--bias-correction", default=None, choices=("off", "layer", "model"),
+                   help="correct each layer's mean output: its own shift (layer) or toward the float model's "
+                        "(model); default: the recipe's")
     p.add_argument("--data-root", default=None, help="where the dataset files are (CIFAR, ImageNet)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_sweep)

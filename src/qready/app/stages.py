@@ -139,10 +139,13 @@ def train_recipe(recipe: Recipe, run_dir: Path, *, resume: bool = False, progres
     return prepared
 
 
-def sweep_recipe(prepared: Prepared, bits=None, ranges=None, method: str | None = None) -> list[dict]:
+def sweep_recipe(prepared: Prepared, bits=None, ranges=None, method: str | None = None,
+                 bias_correction: str | None = None) -> list[dict]:
     """PTQ sweep of ``prepared.model`` over the recipe's bit settings and range methods, with the
-    recipe's PTQ method (or ``method``, which then takes its default options)."""
+    recipe's PTQ method (or ``method``, which then takes its default options) and bias correction (or
+    ``bias_correction``: ``"off"``, ``"layer"``, ``"model"``)."""
     cfg = prepared.recipe.sweep
+    correction = cfg.bias_correction if bias_correction is None else (False if bias_correction == "off" else bias_correction)
     options = cfg.method_options if method in (None, cfg.method) else {}
     method = method or cfg.method
     rows: list[dict] = []
@@ -152,7 +155,7 @@ def sweep_recipe(prepared: Prepared, bits=None, ranges=None, method: str | None 
         rows += sweep(
             prepared.model, prepared.test_loader, bits=list(bits or cfg.bits), spec=spec,
             calib=prepared.train_loader, select=Selector(first_last=cfg.first_last), include_fp=i == 0,
-            calib_batches=cfg.calib_batches, method=method, bias_correction=cfg.bias_correction,
+            calib_batches=cfg.calib_batches, method=method, bias_correction=correction,
             method_options=options, confidence=cfg.confidence,
         )
     return rows

@@ -62,7 +62,7 @@ def sweep(
     calib_batches: int = 8,
     confidence: float = DEFAULT_CONFIDENCE,
     method: str = "rtn",
-    bias_correction: bool = False,
+    bias_correction: bool | str = False,
     method_options: dict | None = None,
     device=None,
 ) -> list[dict]:
@@ -83,7 +83,8 @@ def sweep(
         confidence: the float model's top-1 probability from which an input counts as confident.
         method: PTQ method (``"rtn"``, ``"gptq"``; see :data:`qready.quant.ptq.PTQ_METHODS`); ``"gptq"``
             needs ``calib``.
-        bias_correction: correct each quantized layer's mean output shift on ``calib``.
+        bias_correction: correct each quantized layer's mean output on ``calib`` (``True``/``"layer"``:
+            its own shift; ``"model"``: toward the float model's; see :func:`qready.ptq`).
         method_options: options of ``method`` (e.g. ``{"act_order": True}`` for GPTQ).
     Returns:
         one dict per setting: ``label, w_bits, a_bits, range, granularity, method``, ``accuracy`` (%) and ``loss``

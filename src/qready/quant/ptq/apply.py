@@ -19,7 +19,7 @@ from ..layers import takes_index_inputs
 from ..select import SelectedModule, Selector, as_selector
 from ..spec import WEIGHT_BITS, QuantSpec, check_bits
 from ..validate import check_finite
-from .bias_correction import correct_bias
+from .bias_correction import bias_correction_target, correct_bias
 from .capture import LayerStats, supports
 from .methods import PTQMethod, build_method
 from .passes import SequentialPasses, capture_stats, execution_blocks
@@ -53,28 +53,32 @@ def calibration_inputs(calib: Iterable, max_batches: int) -> list:
 
 @torch.no_grad()
 def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: QuantSpec, method: PTQMethod,
-                     batches: list | None, *, bias_correction: bool = False, sequential: bool = True) -> None:
+                     batches: list | None, *, bias_correction: bool | str = False, sequential: bool = True) -> None:
     """Quantize the chosen layers of ``model`` in place with ``method``.
 
     Methods that use calibration (and bias correction) read each layer's input statistics from
     ``batches``. ``sequential``: the layers are processed in forward order, each one's statistics
     coming from the model whose earlier layers are already quantized (schedule and memory bound in
     :mod:`qready.quant.ptq.passes`). Otherwise one pass over the float model captures every layer's.
+    ``bias_correction``: ``False``, ``True``/``"layer"`` or ``"model"``
+    (:mod:`qready.quant.ptq.bias_correction`); ``"model"`` takes one extra pass over the float model.
     """
     specs = {item.name: spec if item.bits_override is None else replace(spec, bits=item.bits_override)
              for item in chosen}
     modules = {item.name: item.module for item in chosen}
-    needs_stats = method.uses_calibration or bias_correction
+    target = bias_correction_target(bias_correction)
+    needs_stats = method.uses_calibration or target is not None
     stat_layers = [(item.name, item.module) for item in chosen if supports(item.module)] if needs_stats else []
 
     done: set[str] = set()
+    float_means: dict[str, torch.Tensor] = {}
 
     def finish(name: str, stats: LayerStats | None) -> None:
         module = modules[name]
-        original = module.weight.detach().clone() if bias_correction and stats is not None else None
+        original = module.weight.detach().clone() if target is not None and stats is not None else None
         method.quantize_layer(name, module, specs[name], stats)
         if original is not None:
-            correct_bias(module, original, stats)
+            correct_bias(module, original, stats, float_means.get(name))
         done.add(name)
 
     stat_names = [name for name, _ in stat_layers]
@@ -86,6 +90,9 @@ def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: Quant
             blocks, calls = execution_blocks(model, stat_layers, batches[0], watch=containers if sequential else [])
             # non-sequential: one pass over the float model, before anything is quantized
             stats = {} if sequential else capture_stats(model, stat_layers, batches, with_hessian=method.uses_calibration)
+            if target == "model" and sequential:  # the float model's mean inputs, before anything is quantized
+                float_stats = capture_stats(model, stat_layers, batches, with_hessian=False)
+                float_means.update({name: layer_stats.mean() for name, layer_stats in float_stats.items()})
         # layers without statistics first, so that the layers after them see their quantized outputs
         for item in chosen:
             if item.name not in stat_names:
@@ -113,7 +120,7 @@ def ptq(
     select: Selector | dict | None = None,
     *,
     method: str | PTQMethod = "rtn",
-    bias_correction: bool = False,
+    bias_correction: bool | str = False,
     sequential: bool = True,
     calib_batches: int = 8,
     bn_recalibrate: bool = False,
@@ -135,8 +142,10 @@ def ptq(
             kept in float or at a higher bit width.
         method: ``"rtn"`` (round to nearest, no calibration) or ``"gptq"`` (error-compensating, needs
             ``calib``), or a method object; see :data:`qready.quant.ptq.PTQ_METHODS`.
-        bias_correction: after quantizing each layer, remove its mean output shift on ``calib`` through
-            its bias (a zero bias is added to layers without one).
+        bias_correction: after quantizing each layer, correct its mean output on ``calib`` through its
+            bias (a zero bias is added to layers without one): ``True`` or ``"layer"`` removes the shift
+            the layer's own quantization causes; ``"model"`` matches the float model's mean output,
+            also removing the shift left by the quantized layers before it.
         sequential: calibrated methods see the inputs produced by the already-quantized earlier layers
             (one pass over ``calib`` per block of layers); ``False``: one pass on the float model.
         calib_batches: at most this many batches of ``calib`` are used (they are held in memory).
@@ -151,7 +160,7 @@ def ptq(
     if act_spec is not None and act_spec.granularity != "tensor":  # activations: one scale per tensor
         act_spec = replace(act_spec, granularity="tensor", group_size=None)
     quantizer = build_method(method, method_options)
-    needs_stats = quantizer.uses_calibration or bias_correction
+    needs_stats = quantizer.uses_calibration or bias_correction_target(bias_correction) is not None
     if (act_spec is not None or bn_recalibrate or needs_stats) and calib is None:
         raise ValueError(f"method={method!r}, bias correction, activation quantization and BN re-estimation "
                          "need calibration batches: pass calib=")

@@ -37,18 +37,27 @@ _SUBMODULES = ("quant", "models", "data", "train", "evaluate", "recipe", "regula
 
 __all__ = sorted({*_LAZY, *_SUBMODULES, "__version__"})
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .data import list_datasets, load_dataset
-    from .evaluate.sweep import sweep
-    from .models import create_model, list_models
-    from .quant.functional import dequantize, fake_quantize, quantize
-    from .quant.palettize import finalize_palettized, palettize
-    from .quant.ptq import ptq
-    from .quant.qat import finalize, prepare_qat
-    from .quant.select import Selector
-    from .quant.spec import QuantParams, QuantSpec
-    from .recipe import Recipe, load_recipe
-    from .train import TrainConfig, fit
+if TYPE_CHECKING:  # pragma: no cover  (the lazy exports, for type checkers; "X as X" re-exports)
+    from .data import list_datasets as list_datasets
+    from .data import load_dataset as load_dataset
+    from .evaluate.sweep import sweep as sweep
+    from .models import create_model as create_model
+    from .models import list_models as list_models
+    from .quant.functional import dequantize as dequantize
+    from .quant.functional import fake_quantize as fake_quantize
+    from .quant.functional import quantize as quantize
+    from .quant.palettize import finalize_palettized as finalize_palettized
+    from .quant.palettize import palettize as palettize
+    from .quant.ptq import ptq as ptq
+    from .quant.qat import finalize as finalize
+    from .quant.qat import prepare_qat as prepare_qat
+    from .quant.select import Selector as Selector
+    from .quant.spec import QuantParams as QuantParams
+    from .quant.spec import QuantSpec as QuantSpec
+    from .recipe import Recipe as Recipe
+    from .recipe import load_recipe as load_recipe
+    from .train import TrainConfig as TrainConfig
+    from .train import fit as fit
 
 
 def __getattr__(name: str) -> Any:

@@ -115,6 +115,31 @@ def test_ptq_weights_and_activations(case) -> None:
         assert max(col.unique().numel() for col in _conv1d(w3).weight.detach().t()) <= 8
 
 
+LAST_PROJECTION = {"bert": "bert.encoder.layer.1.output.dense", "gpt2": "transformer.h.1.mlp.c_proj"}
+
+
+def test_gptq_with_bias_correction_toward_the_float_model(case) -> None:
+    """With ``bias_correction="model"`` a deep layer's mean output on the calibration batches equals the
+    float model's, through dict batches and Conv1D's transposed layout."""
+    name, model, batches = case
+    calib = [_inputs(b) for b in batches]
+    q = ptq(model, QuantSpec(bits=4), calib=calib, method="gptq", bias_correction="model",
+            select={"types": (nn.Linear, Conv1D), "exclude": ("lm_head",)})  # GPT-2's head is the tied embedding
+
+    def mean_output(m: nn.Module) -> torch.Tensor:
+        outputs = []
+        handle = m.get_submodule(LAST_PROJECTION[name]).register_forward_hook(lambda _m, _a, out: outputs.append(out))
+        with torch.no_grad():
+            for x in calib:
+                forward(m, x)
+        handle.remove()
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs]).mean(0)
+
+    want, got = mean_output(model), mean_output(q)
+    assert not torch.equal(q.get_submodule(LAST_PROJECTION[name]).weight, model.get_submodule(LAST_PROJECTION[name]).weight)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+
 @pytest.mark.parametrize("method", ["ste", "lsq", "ewgs"])
 def test_qat(case, method: str) -> None:
     name, model, batches = case

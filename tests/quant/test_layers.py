@@ -28,6 +28,7 @@ from qready.quant.layers import (
     register_layer,
     takes_index_inputs,
 )
+from qready.quant.ptq.params import recorded_params
 
 
 class Transposed(nn.Module):
@@ -204,3 +205,32 @@ def test_dkm_tied_weight_shares_one_set_of_centroids() -> None:
     assert pal.embed.parametrizations["weight"][0] is pal.head.parametrizations["weight"][0]
     finalize_palettized(pal.eval())
     assert torch.equal(pal.embed.weight, pal.head.weight) and pal.head.weight.unique().numel() <= 4
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_ptq_quantizes_a_tied_weight_once(method: str, monkeypatch) -> None:
+    """The embedding (no statistics) quantizes the shared weight first; the head is not quantized again
+    and records the same parameters for export."""
+    from qready.quant.ptq import GPTQ, RTN
+
+    quantized: list[str] = []
+    for cls in (RTN, GPTQ):
+        original = cls.quantize_layer
+
+        def spy(self, name, module, spec, stats, _original=original):
+            quantized.append(name)
+            return _original(self, name, module, spec, stats)
+
+        monkeypatch.setattr(cls, "quantize_layer", spy)
+    torch.manual_seed(0)
+    model = TiedLM()
+    calib = [torch.randint(0, 12, (8, 5)) for _ in range(2)]
+    spec = QuantSpec(bits=3, granularity="channel", range="mse")
+    q = ptq(model, spec, calib=calib, method=method, bias_correction=method == "gptq")
+    assert quantized == ["embed"]
+    assert q.head.weight is q.embed.weight
+    monkeypatch.undo()
+    rounded = ptq(model, spec, select={"types": (nn.Embedding,)})
+    assert torch.equal(q.embed.weight, rounded.embed.weight)
+    head, embed = recorded_params(q.head), recorded_params(q.embed)
+    assert torch.equal(head.scale, embed.scale) and torch.equal(head.zero_point, embed.zero_point)

@@ -22,6 +22,7 @@ from ..validate import check_finite
 from .bias_correction import bias_correction_target, correct_bias
 from .capture import LayerStats, supports
 from .methods import PTQMethod, build_method
+from .params import record_params, recorded_params
 from .passes import SequentialPasses, capture_stats, execution_blocks
 
 log = logging.getLogger("qready.ptq")
@@ -72,9 +73,18 @@ def quantize_weights(model: nn.Module, chosen: list[SelectedModule], spec: Quant
 
     done: set[str] = set()
     float_means: dict[str, torch.Tensor] = {}
+    owners: dict[int, str] = {}  # id(weight) -> the layer that quantized it
 
     def finish(name: str, stats: LayerStats | None) -> None:
         module = modules[name]
+        owner = owners.setdefault(id(module.weight), name)
+        if owner != name:  # a tied weight (embedding and LM head) is quantized once, by the first of its layers
+            log.debug("%s shares its weight with %s, already quantized", name, owner)
+            params = recorded_params(modules[owner])
+            if params is not None:  # a copy: exporters write each layer's parameters as tensors of their own
+                record_params(module, copy.deepcopy(params))
+            done.add(name)
+            return
         original = module.weight.detach().clone() if target is not None and stats is not None else None
         method.quantize_layer(name, module, specs[name], stats)
         if original is not None:

@@ -20,7 +20,7 @@ and process CPU seconds and the peak resident memory above the level before the 
 5 ms), with the machine's load average (the cores are shared). The targets section is computed from
 the table.
 
-Calibration part: W4 GPTQ + bias correction on MobileNetV2 calibrated on 256 vs 1024 crops of the same\nphotographs (does more calibration data help?).\n\n    python -m benchmarks.gptq [--part zoo|mobilenet|calibration|all] [--quick]
+Calibration part: W4 GPTQ + bias correction on MobileNetV2 calibrated on 256 vs 1024 crops of the same\nphotographs (does more calibration data help?).\n\n    python -m benchmarks.gptq [--part zoo|mobilenet|calibration|attribution|all] [--quick]
 """
 
 from __future__ import annotations
@@ -211,6 +211,34 @@ def calibration_study(quick: bool) -> dict:
     return {"setup": {"data": sets.describe(), "pool": pool_text}, "rows": rows}
 
 
+DEPTHWISE = (r"^features\.1\.conv\.0\.0$", r"conv\.1\.0$")  # MobileNetV2's depthwise convolutions
+SUBSETS = {
+    "depthwise convolutions only": {"include": DEPTHWISE},
+    "all but the depthwise convolutions": {"exclude": DEPTHWISE},
+    "classifier only": {"include": (r"^classifier",)},
+}
+
+
+def error_attribution(quick: bool) -> dict:
+    """Where MobileNetV2's W4 error sits: GPTQ + bias correction on one subset of the layers at a time
+    (the rest in float), on the main table's calibration and held-out crops."""
+    from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
+    from benchmarks.pretrained import fidelity_to, logits
+
+    torch.set_num_threads(2)
+    model = pretrained_mobilenet_v2()
+    sets = photo_sets(size=96 if quick else 160, tune_crops=2 if quick else 19, eval_crops=2 if quick else 24, seed=0)
+    calib = list(sets.tune[:16 if quick else 256].split(32))
+    reference = logits(model, sets.eval)
+    rows = {}
+    for label, select in SUBSETS.items():
+        qmodel = ptq(model, QuantSpec(bits=4, granularity="channel"), calib=calib, calib_batches=len(calib),
+                     select=select, **METHODS["gptq + bias corr."])
+        rows[label] = fidelity_to(reference, qmodel, sets.eval)
+        print(f"W4 {label}: {rows[label]}", flush=True)
+    return {"setup": {"data": sets.describe()}, "rows": rows}
+
+
 def targets(mb: dict) -> list[str]:
     """The issue's MobileNetV2 targets, checked against the measured rows."""
     def check(label: str, conf: float, kl: float | None = None) -> str:
@@ -282,12 +310,16 @@ def markdown(res: dict) -> str:
         lines.append(f"Calibration crops drawn from {study['setup']['pool']}; evaluated on the held-out crops above.\n")
         rows = [[label, *_fid(f), f"{f['wall_s']:.1f}"] for label, f in study["rows"].items()]
         lines += [markdown_table(["setting", "agree %", "agree conf. %", "KL", "SQNR dB", "wall s"], rows), ""]
+    if "attribution" in res:
+        lines.append("## Where the W4 error sits (MobileNetV2, GPTQ + bias correction on one subset of layers)\n")
+        rows = [[label, *_fid(f)] for label, f in res["attribution"]["rows"].items()]
+        lines += [markdown_table(["layers quantized", "agree %", "agree conf. %", "KL", "SQNR dB"], rows), ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["zoo", "mobilenet", "calibration", "all"], default="all")
+    parser.add_argument("--part", choices=["zoo", "mobilenet", "calibration", "attribution", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few epochs, crops and steps")
     args = parser.parse_args()
@@ -297,6 +329,8 @@ def main() -> None:
         save_part("mobilenet", mobilenet(args.quick))
     if args.part in ("calibration", "all"):
         save_part("calibration", calibration_study(args.quick))
+    if args.part in ("attribution", "all"):
+        save_part("attribution", error_attribution(args.quick))
     if args.part in ("zoo", "all"):
         torch.set_num_threads(1)
         save_part("zoo", zoo(args.seeds[:1] if args.quick else args.seeds, args.quick))

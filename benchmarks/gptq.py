@@ -20,7 +20,11 @@ and process CPU seconds and the peak resident memory above the level before the 
 5 ms), with the machine's load average (the cores are shared). The targets section is computed from
 the table.
 
-Calibration part: W4 GPTQ + bias correction on MobileNetV2 calibrated on 256 vs 1024 crops of the same\nphotographs (does more calibration data help?).\n\n    python -m benchmarks.gptq [--part zoo|mobilenet|calibration|attribution|all] [--quick]
+Calibration part: W4 GPTQ + bias correction on MobileNetV2 calibrated on 256 vs 1024 crops of the same
+photographs (does more calibration data help?). Attribution part: W4 GPTQ + bias correction on the
+depthwise convolutions only, on every other layer only, on the classifier only (where does the error sit?).
+
+    python -m benchmarks.gptq [--part zoo|mobilenet|calibration|attribution|all] [--quick]
 """
 
 from __future__ import annotations
@@ -136,17 +140,27 @@ def zoo(seeds: list[int], quick: bool) -> dict:
     return out
 
 
-def mobilenet(quick: bool) -> dict:
-    """Fidelity of every method on the pretrained MobileNetV2, GPTQ cost, and the R² fine-tune rows."""
+def mobilenet_setup(quick: bool) -> SimpleNamespace:
+    """The pretrained MobileNetV2 (two threads), its photo crops, the calibration batches (``n_calib``
+    crops in batches of 32) and the float model's logits on the held-out crops (``reference``)."""
     from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
-    from benchmarks.pretrained import fidelity_to, fine_tune, logits
+    from benchmarks.pretrained import logits
 
     torch.set_num_threads(2)
     model = pretrained_mobilenet_v2()
-    sets = photo_sets(size=96 if quick else 160, tune_crops=2 if quick else 19, eval_crops=2 if quick else 24, seed=0)
+    size = 96 if quick else 160
+    sets = photo_sets(size=size, tune_crops=2 if quick else 19, eval_crops=2 if quick else 24, seed=0)
     n_calib = 16 if quick else 256
-    calib = list(sets.tune[:n_calib].split(32))
-    reference = logits(model, sets.eval)
+    return SimpleNamespace(model=model, sets=sets, size=size, n_calib=n_calib,
+                           calib=list(sets.tune[:n_calib].split(32)), reference=logits(model, sets.eval))
+
+
+def mobilenet(quick: bool) -> dict:
+    """Fidelity of every method on the pretrained MobileNetV2, GPTQ cost, and the R² fine-tune rows."""
+    from benchmarks.pretrained import fidelity_to, fine_tune
+
+    setup = mobilenet_setup(quick)
+    model, sets, n_calib, calib, reference = setup.model, setup.sets, setup.n_calib, setup.calib, setup.reference
     res: dict = {"setup": {"data": sets.describe(), "calibration_crops": n_calib}, "rows": {}, "cost": {}}
 
     def cell(label: str, m: torch.nn.Module, bits: int, kwargs: dict, act: bool = False, spec_range: str = "minmax") -> None:
@@ -187,17 +201,14 @@ def calibration_study(quick: bool) -> dict:
     """Does more calibration data help GPTQ on MobileNetV2? W4 GPTQ + bias correction (min-max, and the
     MSE / first-depthwise-in-float setting) calibrated on 256 and 1024 crops of the same 14 photos,
     evaluated on the same held-out crops as the main table."""
-    from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
-    from benchmarks.pretrained import fidelity_to, logits
+    from benchmarks.photos import photo_sets
+    from benchmarks.pretrained import fidelity_to
 
-    torch.set_num_threads(2)
-    model = pretrained_mobilenet_v2()
-    size, eval_crops = (96, 2) if quick else (160, 24)
-    sets = photo_sets(size=size, tune_crops=2 if quick else 19, eval_crops=eval_crops, seed=0)
+    setup = mobilenet_setup(quick)
+    model, sets, size, reference = setup.model, setup.sets, setup.size, setup.reference
     pool = photo_sets(size=size, tune_crops=8 if quick else CALIB_CROPS_PER_PHOTO, eval_crops=1, seed=0)
     assert pool.tune_photos == sets.tune_photos  # the same split: the pool only has more crops per photo
     order = torch.randperm(len(pool.tune), generator=torch.Generator().manual_seed(1))
-    reference = logits(model, sets.eval)
     rows: dict = {}
     for n in ((16, 64) if quick else CALIB_SIZES):
         calib = list(pool.tune[order[:n]].split(32))
@@ -222,21 +233,16 @@ SUBSETS = {
 def error_attribution(quick: bool) -> dict:
     """Where MobileNetV2's W4 error sits: GPTQ + bias correction on one subset of the layers at a time
     (the rest in float), on the main table's calibration and held-out crops."""
-    from benchmarks.photos import photo_sets, pretrained_mobilenet_v2
-    from benchmarks.pretrained import fidelity_to, logits
+    from benchmarks.pretrained import fidelity_to
 
-    torch.set_num_threads(2)
-    model = pretrained_mobilenet_v2()
-    sets = photo_sets(size=96 if quick else 160, tune_crops=2 if quick else 19, eval_crops=2 if quick else 24, seed=0)
-    calib = list(sets.tune[:16 if quick else 256].split(32))
-    reference = logits(model, sets.eval)
+    setup = mobilenet_setup(quick)
     rows = {}
     for label, select in SUBSETS.items():
-        qmodel = ptq(model, QuantSpec(bits=4, granularity="channel"), calib=calib, calib_batches=len(calib),
-                     select=select, **METHODS["gptq + bias corr."])
-        rows[label] = fidelity_to(reference, qmodel, sets.eval)
+        qmodel = ptq(setup.model, QuantSpec(bits=4, granularity="channel"), calib=setup.calib,
+                     calib_batches=len(setup.calib), select=select, **METHODS["gptq + bias corr."])
+        rows[label] = fidelity_to(setup.reference, qmodel, setup.sets.eval)
         print(f"W4 {label}: {rows[label]}", flush=True)
-    return {"setup": {"data": sets.describe()}, "rows": rows}
+    return {"setup": {"data": setup.sets.describe()}, "rows": rows}
 
 
 def targets(mb: dict) -> list[str]:
